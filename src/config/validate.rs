@@ -1,0 +1,590 @@
+//! From config text to a validated `Config`, collecting every problem on the way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::raw::{
+    RawConnection, RawLog, RawPlatform, RawProbe, RawServer, RawStore, SECTIONS,
+};
+use super::{
+    Config, ConnectionConfig, LogConfig, LogFormat, PlatformConfig, ProbeConfig, Problem,
+    SecretRef, ServerConfig, StoreConfig,
+};
+use crate::domain::{ConnectionId, EmailAddress};
+
+/// One step of a key path.
+#[derive(Debug, Clone)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn render_path(path: &[Segment]) -> String {
+    let mut rendered = String::new();
+    for segment in path {
+        match segment {
+            Segment::Key(key) => {
+                if !rendered.is_empty() {
+                    rendered.push('.');
+                }
+                rendered.push_str(key);
+            }
+            Segment::Index(index) => rendered.push_str(&format!("[{index}]")),
+        }
+    }
+    rendered
+}
+
+fn key(name: &str) -> Segment {
+    Segment::Key(name.to_owned())
+}
+
+struct Checker<'t> {
+    text: &'t str,
+    spans: Spanned<DeTable<'t>>,
+    problems: Vec<Problem>,
+}
+
+impl<'t> Checker<'t> {
+    fn line_of(&self, path: &[Segment]) -> Option<usize> {
+        let mut offset = None;
+        let mut current: Option<&DeValue<'t>> = None;
+        let mut table: Option<&DeTable<'t>> = Some(self.spans.get_ref());
+        for segment in path {
+            let next = match (segment, table, current) {
+                (Segment::Key(name), Some(table), _) => table
+                    .iter()
+                    .find(|(candidate, _)| candidate.get_ref().as_ref() == name.as_str())
+                    .map(|(candidate, value)| (candidate.span().start, value)),
+                (Segment::Index(index), _, Some(DeValue::Array(array))) => {
+                    array.get(*index).map(|value| (value.span().start, value))
+                }
+                _ => None,
+            };
+            let Some((start, value)) = next else { break };
+            offset = Some(start);
+            current = Some(value.get_ref());
+            table = match value.get_ref() {
+                DeValue::Table(inner) => Some(inner),
+                _ => None,
+            };
+        }
+        offset.map(|offset| self.text[..offset].matches('\n').count() + 1)
+    }
+
+    fn problem(&mut self, path: &[Segment], message: impl Into<String>) {
+        let line = self.line_of(path);
+        self.problems.push(Problem {
+            key: render_path(path),
+            line,
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section; unknown keys and type errors become problems.
+    fn section<T: DeserializeOwned>(&mut self, value: toml::Value, path: &[Segment]) -> Option<T> {
+        let mut unknown: Vec<Vec<Segment>> = Vec::new();
+        let mut collect = |ignored_path: serde_ignored::Path| {
+            unknown.push(ignored_segments(&ignored_path.to_string()));
+        };
+        let ignored = serde_ignored::Deserializer::new(value, &mut collect);
+        let result: Result<T, _> = serde_path_to_error::deserialize(ignored);
+        for unknown_path in unknown {
+            let full: Vec<Segment> = path.iter().cloned().chain(unknown_path).collect();
+            self.problem(&full, "unknown key");
+        }
+        match result {
+            Ok(section) => Some(section),
+            Err(error) => {
+                let mut full = path.to_vec();
+                for segment in error.path().iter() {
+                    match segment {
+                        serde_path_to_error::Segment::Seq { index } => {
+                            full.push(Segment::Index(*index))
+                        }
+                        serde_path_to_error::Segment::Map { key: name } => full.push(key(name)),
+                        serde_path_to_error::Segment::Enum { .. }
+                        | serde_path_to_error::Segment::Unknown => {}
+                    }
+                }
+                self.problem(&full, error.inner().message().to_owned());
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &[Segment], raw: Option<&str>, default: &str) -> Duration {
+        let text = raw.unwrap_or(default);
+        match humantime::parse_duration(text) {
+            Ok(duration) if !duration.is_zero() => duration,
+            Ok(_) => {
+                self.problem(path, "must be longer than zero");
+                humantime::parse_duration(default).unwrap_or(Duration::from_secs(1))
+            }
+            Err(error) => {
+                self.problem(
+                    path,
+                    format!("{text:?} is not a duration ({error}); write e.g. \"30s\", \"5m\", \"24h\""),
+                );
+                humantime::parse_duration(default).unwrap_or(Duration::from_secs(1))
+            }
+        }
+    }
+
+    fn positive(&mut self, path: &[Segment], raw: Option<u32>, default: u32) -> u32 {
+        match raw {
+            Some(0) => {
+                self.problem(path, "must be at least 1");
+                default
+            }
+            Some(value) => value,
+            None => default,
+        }
+    }
+
+    fn secret_readable(&mut self, path: &[Segment], secret: &SecretRef) {
+        if let Err(error) = secret.read() {
+            self.problem(path, error.to_string());
+        }
+    }
+}
+
+impl From<&str> for Segment {
+    fn from(name: &str) -> Self {
+        key(name)
+    }
+}
+
+/// serde_ignored renders paths as `a.0.b`; numbers are sequence indexes.
+fn ignored_segments(rendered: &str) -> Vec<Segment> {
+    rendered
+        .split('.')
+        .filter(|part| !part.is_empty() && *part != "?")
+        .map(|part| match part.parse::<usize>() {
+            Ok(index) => Segment::Index(index),
+            Err(_) => key(part),
+        })
+        .collect()
+}
+
+pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+    let syntax_problem = |error: toml::de::Error| {
+        vec![Problem {
+            key: "(syntax)".into(),
+            line: error
+                .span()
+                .map(|span| text[..span.start].matches('\n').count() + 1),
+            message: error.message().trim().to_owned(),
+        }]
+    };
+    let spans = DeTable::parse(text).map_err(syntax_problem)?;
+    let table: toml::Table = toml::from_str(text).map_err(syntax_problem)?;
+    let mut checker = Checker {
+        text,
+        spans,
+        problems: Vec::new(),
+    };
+    for name in table.keys() {
+        if !SECTIONS.contains(&name.as_str()) {
+            checker.problem(
+                &[key(name)],
+                format!("unknown section; known: {}", SECTIONS.join(", ")),
+            );
+        }
+    }
+    let take = |name: &str| table.get(name).cloned();
+    let raw_store: RawStore = match take("store") {
+        Some(value) => checker.section(value, &[key("store")]).unwrap_or_default(),
+        None => RawStore::default(),
+    };
+    let raw_server: RawServer = match take("server") {
+        Some(value) => checker.section(value, &[key("server")]).unwrap_or_default(),
+        None => RawServer::default(),
+    };
+    let raw_probe: RawProbe = match take("probe") {
+        Some(value) => checker.section(value, &[key("probe")]).unwrap_or_default(),
+        None => RawProbe::default(),
+    };
+    let raw_log: RawLog = match take("log") {
+        Some(value) => checker.section(value, &[key("log")]).unwrap_or_default(),
+        None => RawLog::default(),
+    };
+    let store = store(&mut checker, raw_store);
+    let server = server(&mut checker, raw_server);
+    let probe = probe(&mut checker, raw_probe);
+    let log = log(&mut checker, raw_log);
+
+    let mut platforms = BTreeMap::new();
+    match take("platforms") {
+        Some(toml::Value::Table(entries)) => {
+            for (name, value) in entries {
+                let path = [key("platforms"), key(&name)];
+                if let Some(raw) = checker.section::<RawPlatform>(value, &path) {
+                    if let Some(platform) = platform(&mut checker, &path, &name, raw, &probe) {
+                        platforms.insert(name, platform);
+                    }
+                }
+            }
+        }
+        Some(_) => checker.problem(&[key("platforms")], "must be a table of [platforms.NAME]"),
+        None => {}
+    }
+
+    let mut connections = Vec::new();
+    let mut seen = BTreeSet::new();
+    match take("connections") {
+        Some(toml::Value::Array(entries)) => {
+            for (index, value) in entries.into_iter().enumerate() {
+                let path = [key("connections"), Segment::Index(index)];
+                let Some(raw) = checker.section::<RawConnection>(value, &path) else {
+                    continue;
+                };
+                let Some(connection) = connection(&mut checker, &path, raw, &platforms) else {
+                    continue;
+                };
+                if !seen.insert(connection.id.clone()) {
+                    checker.problem(
+                        &[path[0].clone(), path[1].clone(), key("id")],
+                        format!("duplicate connection id {:?}", connection.id.as_str()),
+                    );
+                    continue;
+                }
+                connections.push(connection);
+            }
+        }
+        Some(_) => checker.problem(&[key("connections")], "must be an array of [[connections]]"),
+        None => {}
+    }
+
+    if checker.problems.is_empty() {
+        Ok(Config {
+            store,
+            server,
+            probe,
+            platforms,
+            connections,
+            log,
+        })
+    } else {
+        Err(checker.problems)
+    }
+}
+
+fn store(checker: &mut Checker, raw: RawStore) -> StoreConfig {
+    let url = raw
+        .url
+        .unwrap_or_else(|| "sqlite:///var/lib/connwatch/connwatch.db".to_owned());
+    if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        checker.problem(
+            &[key("store"), key("url")],
+            "must start with sqlite: or postgres:// (the credentials may be given by PGPASSWORD)",
+        );
+    }
+    let retention = checker.duration(&[key("store"), key("retention")], raw.retention.as_deref(), "7d");
+    let prune_schedule = raw.prune_schedule.unwrap_or_else(|| "0 17 3 * * *".to_owned());
+    if prune_schedule.split_whitespace().count() != 6 {
+        checker.problem(
+            &[key("store"), key("prune_schedule")],
+            "a cron expression with six fields (seconds first), e.g. \"0 17 3 * * *\"",
+        );
+    }
+    let max_connections = checker.positive(&[key("store"), key("max_connections")], raw.max_connections, 8);
+    StoreConfig {
+        url,
+        retention,
+        prune_schedule,
+        max_connections,
+    }
+}
+
+fn server(checker: &mut Checker, raw: RawServer) -> ServerConfig {
+    let admin_text = raw.admin.unwrap_or_else(|| "127.0.0.1:9464".to_owned());
+    let admin = match admin_text.parse::<SocketAddr>() {
+        Ok(address) => address,
+        Err(_) => {
+            checker.problem(
+                &[key("server"), key("admin")],
+                format!("{admin_text:?} is not an address like \"127.0.0.1:9464\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        }
+    };
+    match &raw.admin_token {
+        Some(token) => checker.secret_readable(&[key("server"), key("admin_token")], token),
+        None if !admin.ip().is_loopback() => checker.problem(
+            &[key("server"), key("admin_token")],
+            "required when the admin listener is not bound to loopback",
+        ),
+        None => {}
+    }
+    ServerConfig {
+        admin,
+        admin_token: raw.admin_token,
+    }
+}
+
+fn probe(checker: &mut Checker, raw: RawProbe) -> ProbeConfig {
+    let path = |name: &str| [key("probe"), key(name)];
+    let interval = checker.duration(&path("interval"), raw.interval.as_deref(), "5m");
+    let timeout = checker.duration(&path("timeout"), raw.timeout.as_deref(), "10s");
+    let connect_timeout =
+        checker.duration(&path("connect_timeout"), raw.connect_timeout.as_deref(), "5s");
+    let confirm_after = checker.duration(&path("confirm_after"), raw.confirm_after.as_deref(), "30s");
+    let reauth_backoff =
+        checker.duration(&path("reauth_backoff"), raw.reauth_backoff.as_deref(), "15m");
+    let token_check_interval = checker.duration(
+        &path("token_check_interval"),
+        raw.token_check_interval.as_deref(),
+        "10s",
+    );
+    let concurrency = checker.positive(&path("concurrency"), raw.concurrency, 256);
+    let failure_threshold = checker.positive(&path("failure_threshold"), raw.failure_threshold, 2);
+    let unreachable_threshold =
+        checker.positive(&path("unreachable_threshold"), raw.unreachable_threshold, 3);
+    if timeout >= interval {
+        checker.problem(&path("timeout"), "must be shorter than probe.interval");
+    }
+    ProbeConfig {
+        interval,
+        timeout,
+        connect_timeout: connect_timeout.min(timeout),
+        concurrency,
+        confirm_after,
+        failure_threshold,
+        unreachable_threshold,
+        reauth_backoff,
+        token_check_interval,
+    }
+}
+
+fn log(checker: &mut Checker, raw: RawLog) -> LogConfig {
+    let format = match raw.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            checker.problem(
+                &[key("log"), key("format")],
+                format!("{other:?} is not a log format; use \"text\" or \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+    LogConfig {
+        format,
+        level: raw.level.unwrap_or_else(|| "info".to_owned()),
+    }
+}
+
+fn json_pointer(checker: &mut Checker, path: &[Segment], pointer: Option<String>) -> Option<String> {
+    match pointer {
+        Some(pointer) if !pointer.is_empty() && !pointer.starts_with('/') => {
+            checker.problem(path, format!("{pointer:?} is not a JSON pointer (it starts with '/')"));
+            None
+        }
+        other => other,
+    }
+}
+
+fn platform(
+    checker: &mut Checker,
+    path: &[Segment],
+    name: &str,
+    raw: RawPlatform,
+    probe: &ProbeConfig,
+) -> Option<PlatformConfig> {
+    let at = |leaf: &str| {
+        let mut full = path.to_vec();
+        full.push(key(leaf));
+        full
+    };
+    let before = checker.problems.len();
+    if reqwest::Url::parse(&raw.base_url)
+        .map(|url| !matches!(url.scheme(), "http" | "https"))
+        .unwrap_or(true)
+    {
+        checker.problem(&at("base_url"), format!("{:?} is not an http(s) URL", raw.base_url));
+    }
+    if !raw.probe.path.starts_with('/') {
+        checker.problem(&at("probe"), "path must start with '/'");
+    }
+    let method_text = raw.probe.method.unwrap_or_else(|| "GET".to_owned());
+    let probe_method = match reqwest::Method::from_bytes(method_text.to_uppercase().as_bytes()) {
+        Ok(method) => method,
+        Err(_) => {
+            checker.problem(&at("probe"), format!("{method_text:?} is not an HTTP method"));
+            reqwest::Method::GET
+        }
+    };
+    let (auth_header, auth_scheme) = match raw.auth {
+        Some(auth) => (
+            auth.header.unwrap_or_else(|| "Authorization".to_owned()),
+            auth.scheme.unwrap_or_else(|| "Bearer".to_owned()),
+        ),
+        None => ("Authorization".to_owned(), "Bearer".to_owned()),
+    };
+    if reqwest::header::HeaderName::from_bytes(auth_header.as_bytes()).is_err() {
+        checker.problem(&at("auth"), format!("{auth_header:?} is not a header name"));
+    }
+    let reauth_pointer = json_pointer(checker, &at("reauth_pointer"), raw.reauth_pointer);
+    let error_code_pointer = json_pointer(
+        checker,
+        &at("error_code_pointer"),
+        raw.error_code_pointer.or_else(|| Some("/error/code".to_owned())),
+    );
+    let error_message_pointer = json_pointer(
+        checker,
+        &at("error_message_pointer"),
+        raw.error_message_pointer.or_else(|| Some("/error/message".to_owned())),
+    );
+    let concurrency = checker.positive(&at("concurrency"), raw.concurrency, probe.concurrency);
+    (checker.problems.len() == before).then(|| PlatformConfig {
+        name: name.to_owned(),
+        base_url: raw.base_url.trim_end_matches('/').to_owned(),
+        probe_method,
+        probe_path: raw.probe.path,
+        auth_header,
+        auth_scheme,
+        auth_failure_status: raw.auth_failure_status.unwrap_or_else(|| vec![401, 403]),
+        reauth_pointer,
+        reauth_values: raw.reauth_values,
+        error_code_pointer,
+        error_message_pointer,
+        auth_failure_codes: raw.auth_failure_codes,
+        request_id_header: raw.request_id_header,
+        concurrency,
+    })
+}
+
+fn connection(
+    checker: &mut Checker,
+    path: &[Segment],
+    raw: RawConnection,
+    platforms: &BTreeMap<String, PlatformConfig>,
+) -> Option<ConnectionConfig> {
+    let at = |leaf: &str| {
+        let mut full = path.to_vec();
+        full.push(key(leaf));
+        full
+    };
+    let before = checker.problems.len();
+    let id = match ConnectionId::parse(&raw.id) {
+        Ok(id) => Some(id),
+        Err(message) => {
+            checker.problem(&at("id"), message);
+            None
+        }
+    };
+    if !platforms.contains_key(&raw.platform) {
+        let known: Vec<&str> = platforms.keys().map(String::as_str).collect();
+        checker.problem(
+            &at("platform"),
+            format!(
+                "unknown platform {:?}; defined: {}",
+                raw.platform,
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            ),
+        );
+    }
+    let mut contacts = Vec::new();
+    for (index, contact) in raw.contacts.iter().enumerate() {
+        let mut contact_path = at("contacts");
+        contact_path.push(Segment::Index(index));
+        match EmailAddress::parse(contact) {
+            Ok(address) => contacts.push(address),
+            Err(message) => checker.problem(&contact_path, message),
+        }
+    }
+    if let Some(url) = &raw.reconnect_url {
+        if reqwest::Url::parse(url).is_err() {
+            checker.problem(&at("reconnect_url"), format!("{url:?} is not a URL"));
+        }
+    }
+    checker.secret_readable(&at("token"), &raw.token);
+    let id = id?;
+    (checker.problems.len() == before).then(|| ConnectionConfig {
+        name: raw.name.unwrap_or_else(|| id.to_string()),
+        id,
+        platform: raw.platform,
+        remote_id: raw.remote_id,
+        token: raw.token,
+        contacts,
+        reconnect_url: raw.reconnect_url,
+        paused: raw.paused,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLATFORM: &str = r#"
+[platforms.makini]
+base_url = "http://127.0.0.1:1"
+probe = { path = "/v1/connection" }
+"#;
+
+    #[test]
+    fn a_minimal_config_is_valid_with_defaults() {
+        let config = parse(PLATFORM).expect("valid");
+        assert_eq!(config.probe.interval, Duration::from_secs(300));
+        assert_eq!(config.probe.failure_threshold, 2);
+        assert_eq!(config.platforms["makini"].auth_scheme, "Bearer");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_and_line() {
+        let text = format!(
+            r#"
+[probe]
+interval = "soon"
+timeout = "often"
+colour = "blue"
+{PLATFORM}
+[[connections]]
+id = "acme"
+platform = "nango"
+token = {{ env = "CONNWATCH_TEST_SURELY_UNSET" }}
+contacts = ["not-an-email"]
+
+[[connections]]
+id = "acme"
+platform = "makini"
+token = "literal-secret"
+"#
+        );
+        let problems = parse(&text).expect_err("invalid");
+        let rendered: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let has = |needle: &str| rendered.iter().any(|line| line.contains(needle));
+        assert!(has("probe.interval (line 3)"), "{rendered:#?}");
+        assert!(has("probe.timeout (line 4)"), "{rendered:#?}");
+        assert!(has("probe.colour (line 5): unknown key"), "{rendered:#?}");
+        assert!(has("connections[0].platform"), "{rendered:#?}");
+        assert!(has("connections[0].contacts[0]"), "{rendered:#?}");
+        assert!(has("CONNWATCH_TEST_SURELY_UNSET"), "{rendered:#?}");
+        assert!(has("connections[1].token"), "{rendered:#?}");
+        assert!(has("literal secret"), "{rendered:#?}");
+        assert!(!has("literal-secret"), "the literal value is never echoed");
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let text = format!(
+            "{PLATFORM}\n[[connections]]\nid = \"a\"\nplatform = \"makini\"\ntoken = {{ file = \"/etc/hostname\" }}\n\
+             [[connections]]\nid = \"a\"\nplatform = \"makini\"\ntoken = {{ file = \"/etc/hostname\" }}\n"
+        );
+        let problems = parse(&text).expect_err("invalid");
+        assert!(problems.iter().any(|problem| problem.key == "connections[1].id"
+            && problem.message.contains("duplicate")));
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line() {
+        let problems = parse("[store]\nurl = \n").expect_err("invalid");
+        assert_eq!(problems[0].line, Some(2));
+    }
+}

@@ -1,0 +1,8 @@
+//! connwatch: watches customer connections on unified integration platforms.
+//!
+//! Modules in reading order: the vocabulary, the config, the pure judgement, then the
+//! parts that do I/O, and finally the assembly.
+
+pub mod domain;
+pub mod config;
+pub mod classify;
