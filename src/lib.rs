@@ -6,3 +6,6 @@
 pub mod domain;
 pub mod config;
 pub mod classify;
+pub mod store;
+pub mod metrics;
+pub mod probe;

@@ -1,0 +1,161 @@
+//! Every metric name and help text, in one file. Labels come from bounded sets only:
+//! no connection ids, customer names, URLs or error strings.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::domain::{Health, Outcome};
+
+/// The daemon's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `connwatch_connections{health}`: connections per health state.
+    pub connections: IntGaugeVec,
+    /// `connwatch_probes_total{platform,outcome}`.
+    pub probes: IntCounterVec,
+    /// `connwatch_probe_duration_seconds{platform}`.
+    pub probe_duration: HistogramVec,
+    /// `connwatch_scheduler_last_tick_timestamp_seconds`.
+    pub scheduler_last_tick: Gauge,
+    /// `connwatch_probes_in_flight`.
+    pub probes_in_flight: IntGauge,
+    /// `connwatch_transitions_total{to}`.
+    pub transitions: IntCounterVec,
+    /// `connwatch_store_errors_total{operation}`.
+    pub store_errors: IntCounterVec,
+    /// `connwatch_jobs_skipped_total{job}`: a cron run skipped because the last one still ran.
+    pub jobs_skipped: IntCounterVec,
+    /// `connwatch_job_last_run_timestamp_seconds{job}`.
+    pub job_last_run: GaugeVec,
+}
+
+impl Metrics {
+    pub fn new(version: &str) -> Metrics {
+        let registry = Registry::new();
+        let connections = IntGaugeVec::new(
+            Opts::new("connwatch_connections", "Connections per health state."),
+            &["health"],
+        )
+        .expect("valid metric");
+        let probes = IntCounterVec::new(
+            Opts::new("connwatch_probes_total", "Probes by platform and outcome."),
+            &["platform", "outcome"],
+        )
+        .expect("valid metric");
+        let probe_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "connwatch_probe_duration_seconds",
+                "Time from sending a probe to its complete answer.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["platform"],
+        )
+        .expect("valid metric");
+        let scheduler_last_tick = Gauge::new(
+            "connwatch_scheduler_last_tick_timestamp_seconds",
+            "Unix time of the probe scheduler's last loop turn; stale means stalled.",
+        )
+        .expect("valid metric");
+        let probes_in_flight = IntGauge::new(
+            "connwatch_probes_in_flight",
+            "Probes currently waiting for the platform.",
+        )
+        .expect("valid metric");
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "connwatch_transitions_total",
+                "Health transitions recorded, by the state entered.",
+            ),
+            &["to"],
+        )
+        .expect("valid metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "connwatch_store_errors_total",
+                "Database operations that failed, by operation.",
+            ),
+            &["operation"],
+        )
+        .expect("valid metric");
+        let jobs_skipped = IntCounterVec::new(
+            Opts::new(
+                "connwatch_jobs_skipped_total",
+                "Scheduled jobs skipped because the previous run had not finished.",
+            ),
+            &["job"],
+        )
+        .expect("valid metric");
+        let job_last_run = GaugeVec::new(
+            Opts::new(
+                "connwatch_job_last_run_timestamp_seconds",
+                "Unix time a scheduled job last finished.",
+            ),
+            &["job"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("connwatch_build_info", "Always 1; the version is in the label."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[version]).set(1);
+
+        for collector in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(probes.clone()),
+            Box::new(probe_duration.clone()),
+            Box::new(scheduler_last_tick.clone()),
+            Box::new(probes_in_flight.clone()),
+            Box::new(transitions.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(jobs_skipped.clone()),
+            Box::new(job_last_run.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(collector).expect("unique metric");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        for health in Health::ALL {
+            connections.with_label_values(&[health.as_str()]).set(0);
+        }
+        Metrics {
+            registry,
+            connections,
+            probes,
+            probe_duration,
+            scheduler_last_tick,
+            probes_in_flight,
+            transitions,
+            store_errors,
+            jobs_skipped,
+            job_last_run,
+        }
+    }
+
+    /// Creates every `{platform,outcome}` series at zero so rates exist before the first probe.
+    pub fn declare_platform(&self, platform: &str) {
+        for outcome in Outcome::ALL {
+            self.probes.with_label_values(&[platform, outcome.as_str()]);
+        }
+        self.probe_duration.with_label_values(&[platform]);
+    }
+
+    /// The Prometheus text format (0.0.4).
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding never fails");
+        String::from_utf8(buffer).expect("metrics are UTF-8")
+    }
+}

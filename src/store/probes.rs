@@ -1,0 +1,402 @@
+//! Writing side of probing: config sync, lease claims, recording verdicts, pruning.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Backend, Store, StoreError};
+use crate::classify::{ConnectionState, Verdict};
+use crate::domain::{Cause, ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
+
+/// A connection as the config describes it, for `sync_connections`.
+#[derive(Debug, Clone)]
+pub struct SyncConnection {
+    pub id: ConnectionId,
+    pub name: String,
+    pub platform: String,
+    pub remote_id: Option<String>,
+    pub paused: bool,
+    /// First due time for a connection the store has not seen yet.
+    pub first_due: Millis,
+}
+
+/// A connection claimed for probing, with the state classification needs.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: ConnectionId,
+    pub platform: String,
+    pub state: ConnectionState,
+    pub due: Millis,
+    pub last_outcome: Option<Outcome>,
+}
+
+/// One probe and its verdict, ready to store.
+#[derive(Debug, Clone)]
+pub struct ProbeRecord {
+    pub id: ConnectionId,
+    pub at: Millis,
+    pub report: ProbeReport,
+    pub verdict: Verdict,
+    /// The previous probe's outcome: successes are stored only when they change something.
+    pub last_outcome: Option<Outcome>,
+    pub lease_owner: String,
+}
+
+const CLAIM_COLUMNS: &str = "id, platform, health, health_since, consecutive_failures, \
+     consecutive_auth_failures, first_failure_at, next_due, last_outcome";
+
+impl Store {
+    /// Makes the stored connections match the config: inserts new ones, updates names,
+    /// platforms and pause switches, and deactivates those no longer configured (their
+    /// history is kept). Returns the number of connections deactivated.
+    pub async fn sync_connections(
+        &self,
+        connections: &[SyncConnection],
+        now: Millis,
+    ) -> Result<u64, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let generation: i64 = sqlx::query(
+            "SELECT COALESCE(MAX(config_generation), 0) + 1 FROM connections",
+        )
+        .fetch_one(&mut *transaction)
+        .await?
+        .try_get(0)?;
+        for connection in connections {
+            let paused = i64::from(connection.paused);
+            let initial_health = if connection.paused { "paused" } else { "unknown" };
+            let existing: Option<(String, i64)> =
+                sqlx::query_as("SELECT health, paused FROM connections WHERE id = $1")
+                    .bind(connection.id.as_str())
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+            match existing {
+                None => {
+                    sqlx::query(
+                        "INSERT INTO connections (id, name, platform, remote_id, active, \
+                         config_generation, paused, health, health_since, next_due) \
+                         VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9)",
+                    )
+                    .bind(connection.id.as_str())
+                    .bind(&connection.name)
+                    .bind(&connection.platform)
+                    .bind(connection.remote_id.as_deref())
+                    .bind(generation)
+                    .bind(paused)
+                    .bind(initial_health)
+                    .bind(now)
+                    .bind(connection.first_due)
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+                Some((health, was_paused)) => {
+                    sqlx::query(
+                        "UPDATE connections SET name = $2, platform = $3, remote_id = $4, \
+                         active = 1, config_generation = $5, paused = $6 WHERE id = $1",
+                    )
+                    .bind(connection.id.as_str())
+                    .bind(&connection.name)
+                    .bind(&connection.platform)
+                    .bind(connection.remote_id.as_deref())
+                    .bind(generation)
+                    .bind(paused)
+                    .execute(&mut *transaction)
+                    .await?;
+                    if (was_paused != 0) != connection.paused {
+                        let from = parse_health(&health)?;
+                        let to = if connection.paused { Health::Paused } else { Health::Unknown };
+                        set_health_by_operator(&mut transaction, &connection.id, from, to, now)
+                            .await?;
+                    }
+                }
+            }
+        }
+        let deactivated = sqlx::query(
+            "UPDATE connections SET active = 0, lease_owner = NULL, lease_until = 0 \
+             WHERE active = 1 AND config_generation <> $1",
+        )
+        .bind(generation)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        transaction.commit().await?;
+        Ok(deactivated)
+    }
+
+    /// Claims up to `limit` connections whose due time has passed, leasing them to
+    /// `owner` until `lease_until` so no other replica (or tick) probes them meanwhile.
+    pub async fn claim_due(
+        &self,
+        now: Millis,
+        limit: u32,
+        owner: &str,
+        lease_until: Millis,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let lock = match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        };
+        let sql = format!(
+            "UPDATE connections SET lease_owner = $1, lease_until = $2 WHERE id IN \
+             (SELECT id FROM connections WHERE active = 1 AND next_due <= $3 \
+              AND lease_until <= $3 ORDER BY next_due LIMIT $4 {lock}) \
+             RETURNING {CLAIM_COLUMNS}"
+        );
+        let mut transaction = self.begin_write().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        rows.iter().map(claimed_from_row).collect()
+    }
+
+    /// Claims one connection now, whatever its due time, unless another probe holds it.
+    pub async fn claim_one(
+        &self,
+        id: &ConnectionId,
+        now: Millis,
+        owner: &str,
+        lease_until: Millis,
+    ) -> Result<Option<Claimed>, StoreError> {
+        let sql = format!(
+            "UPDATE connections SET lease_owner = $1, lease_until = $2 \
+             WHERE id = $3 AND active = 1 AND lease_until <= $4 RETURNING {CLAIM_COLUMNS}"
+        );
+        let mut transaction = self.begin_write().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(lease_until)
+            .bind(id.as_str())
+            .bind(now)
+            .fetch_optional(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        row.as_ref().map(claimed_from_row).transpose()
+    }
+
+    /// Stores a batch of probe verdicts in one transaction: latest result, health,
+    /// transitions, incidents; releases the leases. A record whose lease was lost
+    /// (expired and taken by another replica) is dropped. Returns the records applied.
+    pub async fn record_probes(&self, records: &[ProbeRecord]) -> Result<usize, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let mut applied = 0;
+        for record in records {
+            let report = &record.report;
+            let state = &record.verdict.state;
+            let updated = sqlx::query(
+                "UPDATE connections SET health = $3, health_since = $4, \
+                 consecutive_failures = $5, consecutive_auth_failures = $6, \
+                 first_failure_at = $7, next_due = $8, lease_owner = NULL, lease_until = 0, \
+                 last_probe_at = $9, last_outcome = $10, last_status = $11, \
+                 last_latency_ms = $12, last_request_id = $13, last_error_code = $14, \
+                 last_message = $15 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(record.id.as_str())
+            .bind(&record.lease_owner)
+            .bind(state.health.as_str())
+            .bind(state.health_since)
+            .bind(i64::from(state.consecutive_failures))
+            .bind(i64::from(state.consecutive_auth_failures))
+            .bind(state.first_failure_at)
+            .bind(record.verdict.next_due)
+            .bind(record.at)
+            .bind(report.outcome.as_str())
+            .bind(report.status.map(i64::from))
+            .bind(report.latency_ms)
+            .bind(report.request_id.as_deref())
+            .bind(report.error_code.as_deref())
+            .bind(report.message.as_deref())
+            .execute(&mut *transaction)
+            .await?;
+            if updated.rows_affected() == 0 {
+                continue;
+            }
+            applied += 1;
+            // History keeps every failure and every change; a steady stream of successes
+            // is summarised by the connection's latest result (bounded storage at scale).
+            let unchanged_success =
+                report.outcome == Outcome::Ok && record.last_outcome == Some(Outcome::Ok);
+            if !unchanged_success {
+                sqlx::query(
+                    "INSERT INTO probe_results (connection_id, at, outcome, status, latency_ms, \
+                     request_id, error_code, message) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(record.id.as_str())
+                .bind(record.at)
+                .bind(report.outcome.as_str())
+                .bind(report.status.map(i64::from))
+                .bind(report.latency_ms)
+                .bind(report.request_id.as_deref())
+                .bind(report.error_code.as_deref())
+                .bind(report.message.as_deref())
+                .execute(&mut *transaction)
+                .await?;
+            }
+            if let Some(transition) = &record.verdict.transition {
+                apply_transition(&mut transaction, &record.id, transition).await?;
+            }
+        }
+        transaction.commit().await?;
+        Ok(applied)
+    }
+
+    /// Marks a connection due now (token rotated, probe requested). False if unknown.
+    pub async fn request_probe(&self, id: &ConnectionId, now: Millis) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let updated = sqlx::query("UPDATE connections SET next_due = $2 WHERE id = $1 AND active = 1")
+            .bind(id.as_str())
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Deletes probe results older than `before`; returns how many.
+    pub async fn prune_probe_results(&self, before: Millis) -> Result<u64, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let deleted = sqlx::query("DELETE FROM probe_results WHERE at < $1")
+            .bind(before)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        transaction.commit().await?;
+        Ok(deleted)
+    }
+}
+
+/// Stores a transition and opens or closes the incident it implies.
+async fn apply_transition(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: &ConnectionId,
+    transition: &Transition,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO transitions (connection_id, at, from_health, to_health, cause, outcome, \
+         error_code, request_id, first_failure_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(id.as_str())
+    .bind(transition.at)
+    .bind(transition.from.as_str())
+    .bind(transition.to.as_str())
+    .bind(transition.cause.as_str())
+    .bind(transition.outcome.map(Outcome::as_str))
+    .bind(transition.error_code.as_deref())
+    .bind(transition.request_id.as_deref())
+    .bind(transition.first_failure_at)
+    .execute(&mut **transaction)
+    .await?;
+    if transition.from.is_incident() && transition.from != transition.to {
+        sqlx::query(
+            "UPDATE incidents SET closed_at = $2 WHERE connection_id = $1 AND closed_at IS NULL",
+        )
+        .bind(id.as_str())
+        .bind(transition.at)
+        .execute(&mut **transaction)
+        .await?;
+        sqlx::query("UPDATE connections SET open_incident_id = NULL WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut **transaction)
+            .await?;
+    }
+    if transition.to.is_incident() && transition.from != transition.to {
+        let incident_id: i64 = sqlx::query(
+            "INSERT INTO incidents (connection_id, kind, opened_at, first_failure_at, error_code, \
+             request_id) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(id.as_str())
+        .bind(transition.to.as_str())
+        .bind(transition.at)
+        .bind(transition.first_failure_at.unwrap_or(transition.at))
+        .bind(transition.error_code.as_deref())
+        .bind(transition.request_id.as_deref())
+        .fetch_one(&mut **transaction)
+        .await?
+        .try_get(0)?;
+        sqlx::query("UPDATE connections SET open_incident_id = $2 WHERE id = $1")
+            .bind(id.as_str())
+            .bind(incident_id)
+            .execute(&mut **transaction)
+            .await?;
+    }
+    Ok(())
+}
+
+/// An operator action (pause, resume) changes health outside classification.
+async fn set_health_by_operator(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: &ConnectionId,
+    from: Health,
+    to: Health,
+    now: Millis,
+) -> Result<(), StoreError> {
+    if from == to {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE connections SET health = $2, health_since = $3, next_due = $3, \
+         consecutive_failures = 0, consecutive_auth_failures = 0, first_failure_at = NULL \
+         WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .bind(to.as_str())
+    .bind(now)
+    .execute(&mut **transaction)
+    .await?;
+    let transition = Transition {
+        from,
+        to,
+        cause: Cause::Operator,
+        at: now,
+        first_failure_at: None,
+        outcome: None,
+        error_code: None,
+        request_id: None,
+    };
+    apply_transition(transaction, id, &transition).await
+}
+
+pub(super) fn parse_health(raw: &str) -> Result<Health, StoreError> {
+    Health::parse(raw).ok_or_else(|| StoreError::Corrupt {
+        column: "health",
+        value: raw.to_owned(),
+    })
+}
+
+pub(super) fn parse_outcome(raw: Option<String>) -> Result<Option<Outcome>, StoreError> {
+    raw.map(|text| {
+        Outcome::parse(&text).ok_or(StoreError::Corrupt {
+            column: "outcome",
+            value: text,
+        })
+    })
+    .transpose()
+}
+
+pub(super) fn parse_id(raw: &str) -> Result<ConnectionId, StoreError> {
+    ConnectionId::parse(raw).map_err(|_| StoreError::Corrupt {
+        column: "id",
+        value: raw.to_owned(),
+    })
+}
+
+fn claimed_from_row(row: &AnyRow) -> Result<Claimed, StoreError> {
+    let count = |name: &str| -> Result<u32, StoreError> {
+        Ok(u32::try_from(row.try_get::<i64, _>(name)?).unwrap_or(u32::MAX))
+    };
+    Ok(Claimed {
+        id: parse_id(&row.try_get::<String, _>("id")?)?,
+        platform: row.try_get("platform")?,
+        state: ConnectionState {
+            health: parse_health(&row.try_get::<String, _>("health")?)?,
+            health_since: row.try_get("health_since")?,
+            consecutive_failures: count("consecutive_failures")?,
+            consecutive_auth_failures: count("consecutive_auth_failures")?,
+            first_failure_at: row.try_get("first_failure_at")?,
+        },
+        due: row.try_get("next_due")?,
+        last_outcome: parse_outcome(row.try_get("last_outcome")?)?,
+    })
+}
