@@ -308,7 +308,11 @@ mod tests {
     #[test]
     fn an_outage_between_auth_failures_restarts_the_auth_streak() {
         let mut current = state(Health::Healthy, 0, 0);
-        for outcome in [Outcome::AuthFailed, Outcome::ServerError, Outcome::AuthFailed] {
+        for outcome in [
+            Outcome::AuthFailed,
+            Outcome::ServerError,
+            Outcome::AuthFailed,
+        ] {
             current = classify(&current, &report(outcome), &POLICY, NOW, REGULAR).state;
         }
         assert_eq!(current.health, Health::Degraded);
@@ -318,7 +322,13 @@ mod tests {
     fn retry_after_pushes_the_next_probe_back() {
         let mut throttled = report(Outcome::RateLimited);
         throttled.retry_after_secs = Some(120);
-        let verdict = classify(&state(Health::Healthy, 0, 0), &throttled, &POLICY, NOW, NOW + 1);
+        let verdict = classify(
+            &state(Health::Healthy, 0, 0),
+            &throttled,
+            &POLICY,
+            NOW,
+            NOW + 1,
+        );
         assert_eq!(verdict.next_due, NOW + 120_000);
     }
 

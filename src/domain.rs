@@ -17,7 +17,9 @@ impl ConnectionId {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
         if raw.is_empty() || raw.len() > 128 {
-            return Err(format!("connection id {raw:?} must be 1 to 128 characters long"));
+            return Err(format!(
+                "connection id {raw:?} must be 1 to 128 characters long"
+            ));
         }
         if !raw.chars().all(valid_char) {
             return Err(format!(
@@ -53,7 +55,9 @@ impl EmailAddress {
                     && !domain.contains('@')
                     && !domain.starts_with('.')
                     && !domain.ends_with('.')
-                    && !trimmed.chars().any(|c| c.is_whitespace() || c == '<' || c == '>')
+                    && !trimmed
+                        .chars()
+                        .any(|c| c.is_whitespace() || c == '<' || c == '>')
             }
             None => false,
         };
@@ -117,7 +121,9 @@ impl Outcome {
     }
 
     pub fn parse(raw: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|outcome| outcome.as_str() == raw)
+        Self::ALL
+            .into_iter()
+            .find(|outcome| outcome.as_str() == raw)
     }
 }
 
@@ -236,6 +242,34 @@ pub struct Transition {
     pub outcome: Option<Outcome>,
     pub error_code: Option<String>,
     pub request_id: Option<String>,
+}
+
+/// Serde helpers: times on the wire are RFC 3339 UTC, stored times are milliseconds.
+pub mod wire {
+    use serde::Serializer;
+
+    use super::Millis;
+
+    /// Formats epoch milliseconds as RFC 3339 UTC with milliseconds.
+    pub fn rfc3339(millis: Millis) -> String {
+        let time = std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(u64::try_from(millis).unwrap_or_default());
+        humantime::format_rfc3339_millis(time).to_string()
+    }
+
+    pub fn time<S: Serializer>(millis: &Millis, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&rfc3339(*millis))
+    }
+
+    pub fn optional_time<S: Serializer>(
+        millis: &Option<Millis>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match millis {
+            Some(millis) => serializer.serialize_str(&rfc3339(*millis)),
+            None => serializer.serialize_none(),
+        }
+    }
 }
 
 /// Cuts `text` to at most `limit` characters, on a character boundary.

@@ -3,9 +3,16 @@
 //! Modules in reading order: the vocabulary, the config, the pure judgement, then the
 //! parts that do I/O, and finally the assembly.
 
-pub mod domain;
-pub mod config;
+pub mod app;
 pub mod classify;
-pub mod store;
+pub mod commands;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod jobs;
 pub mod metrics;
 pub mod probe;
+pub mod schedule;
+pub mod server;
+pub mod service;
+pub mod store;

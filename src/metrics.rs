@@ -99,7 +99,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
-            Opts::new("connwatch_build_info", "Always 1; the version is in the label."),
+            Opts::new(
+                "connwatch_build_info",
+                "Always 1; the version is in the label.",
+            ),
             &["version"],
         )
         .expect("valid metric");

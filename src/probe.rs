@@ -149,13 +149,29 @@ fn transport_failure(error: &reqwest::Error, latency_ms: i64) -> ProbeReport {
         .map(ToString::to_string)
         .unwrap_or_else(|| error.to_string());
     if error.is_timeout() {
-        failure(Outcome::Timeout, latency_ms, "no answer within the probe timeout".into())
+        failure(
+            Outcome::Timeout,
+            latency_ms,
+            "no answer within the probe timeout".into(),
+        )
     } else if error.is_connect() {
-        failure(Outcome::NetworkError, latency_ms, format!("cannot connect: {detail}"))
+        failure(
+            Outcome::NetworkError,
+            latency_ms,
+            format!("cannot connect: {detail}"),
+        )
     } else if error.is_body() || error.is_decode() {
-        failure(Outcome::InvalidResponse, latency_ms, format!("broken answer: {detail}"))
+        failure(
+            Outcome::InvalidResponse,
+            latency_ms,
+            format!("broken answer: {detail}"),
+        )
     } else {
-        failure(Outcome::NetworkError, latency_ms, format!("request failed: {detail}"))
+        failure(
+            Outcome::NetworkError,
+            latency_ms,
+            format!("request failed: {detail}"),
+        )
     }
 }
 
@@ -188,9 +204,12 @@ pub fn read_answer(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok());
-    let code_is_auth = error_code
-        .as_ref()
-        .is_some_and(|code| platform.auth_failure_codes.iter().any(|listed| listed == code));
+    let code_is_auth = error_code.as_ref().is_some_and(|code| {
+        platform
+            .auth_failure_codes
+            .iter()
+            .any(|listed| listed == code)
+    });
     let outcome = if platform.auth_failure_status.contains(&status) || code_is_auth {
         Outcome::AuthFailed
     } else if (200..300).contains(&status) {
@@ -202,7 +221,8 @@ pub fn read_answer(
             Some(_) => {
                 let state = text_at(&platform.reauth_pointer);
                 if state.is_some_and(|state| platform.reauth_values.contains(&state)) {
-                    message.get_or_insert_with(|| "platform reports reauthorization required".into());
+                    message
+                        .get_or_insert_with(|| "platform reports reauthorization required".into());
                     Outcome::AuthFailed
                 } else {
                     Outcome::Ok
@@ -213,7 +233,9 @@ pub fn read_answer(
     } else if status == 429 {
         Outcome::RateLimited
     } else if (300..400).contains(&status) {
-        message = Some(format!("redirect ({status}) not followed; fix the probe path or base_url"));
+        message = Some(format!(
+            "redirect ({status}) not followed; fix the probe path or base_url"
+        ));
         Outcome::InvalidResponse
     } else if status >= 500 {
         Outcome::ServerError
@@ -273,12 +295,24 @@ request_id_header = "x-request-id"
     fn answers_are_classified_by_status_code_and_body() {
         let cases: &[(u16, &str, Outcome)] = &[
             (200, r#"{"status":"active"}"#, Outcome::Ok),
-            (200, r#"{"status":"reauthorization_required"}"#, Outcome::AuthFailed),
+            (
+                200,
+                r#"{"status":"reauthorization_required"}"#,
+                Outcome::AuthFailed,
+            ),
             (200, "not json", Outcome::InvalidResponse),
             (401, "", Outcome::AuthFailed),
             (403, "", Outcome::AuthFailed),
-            (400, r#"{"error":{"code":"AUTHENTICATION_FAILED"}}"#, Outcome::AuthFailed),
-            (400, r#"{"error":{"code":"BAD_REQUEST"}}"#, Outcome::ClientError),
+            (
+                400,
+                r#"{"error":{"code":"AUTHENTICATION_FAILED"}}"#,
+                Outcome::AuthFailed,
+            ),
+            (
+                400,
+                r#"{"error":{"code":"BAD_REQUEST"}}"#,
+                Outcome::ClientError,
+            ),
             (404, "", Outcome::ClientError),
             (429, "", Outcome::RateLimited),
             (302, "", Outcome::InvalidResponse),
@@ -286,7 +320,11 @@ request_id_header = "x-request-id"
             (503, "", Outcome::ServerError),
         ];
         for (status, body, expected) in cases {
-            assert_eq!(answer(*status, body, &[]).outcome, *expected, "{status} {body}");
+            assert_eq!(
+                answer(*status, body, &[]).outcome,
+                *expected,
+                "{status} {body}"
+            );
         }
     }
 
@@ -304,8 +342,17 @@ request_id_header = "x-request-id"
 
     #[test]
     fn retry_after_is_read_on_429_and_503_only() {
-        assert_eq!(answer(429, "", &[("retry-after", "120")]).retry_after_secs, Some(120));
-        assert_eq!(answer(503, "", &[("retry-after", "7")]).retry_after_secs, Some(7));
-        assert_eq!(answer(401, "", &[("retry-after", "7")]).retry_after_secs, None);
+        assert_eq!(
+            answer(429, "", &[("retry-after", "120")]).retry_after_secs,
+            Some(120)
+        );
+        assert_eq!(
+            answer(503, "", &[("retry-after", "7")]).retry_after_secs,
+            Some(7)
+        );
+        assert_eq!(
+            answer(401, "", &[("retry-after", "7")]).retry_after_secs,
+            None
+        );
     }
 }

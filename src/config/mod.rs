@@ -139,7 +139,10 @@ pub enum ConfigError {
     },
     /// The file was read but has problems; all of them are listed.
     #[error("{path}: {} problem(s):\n{}", problems.len(), render(problems))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 fn render(problems: &[Problem]) -> String {

@@ -1,6 +1,5 @@
 //! The config file exactly as written: strings where validation needs to say more than serde.
 
-
 use serde::Deserialize;
 
 use super::secret::SecretRef;
@@ -82,5 +81,11 @@ pub struct RawLog {
 }
 
 /// Top-level section names and whether each is known.
-pub const SECTIONS: &[&str] = &["store", "server", "probe", "platforms", "connections", "log"];
-
+pub const SECTIONS: &[&str] = &[
+    "store",
+    "server",
+    "probe",
+    "platforms",
+    "connections",
+    "log",
+];

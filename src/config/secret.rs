@@ -104,7 +104,7 @@ impl<'de> Deserialize<'de> for SecretRef {
             Raw::Literal(literal) => Err({
                 drop(literal);
                 D::Error::custom(
-                "a literal secret is not allowed in the config file (it would end up in backups \
+                    "a literal secret is not allowed in the config file (it would end up in backups \
                  and version control); use { env = \"NAME\" }, { file = \"/path\" } or \
                  { credential = \"NAME\" }",
                 )
@@ -126,5 +126,26 @@ impl<'de> Deserialize<'de> for SecretRef {
                 }
             }
         }
+    }
+}
+
+/// What identifies one version of a secret file: a change means the secret was rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    length: u64,
+    inode: u64,
+}
+
+impl SecretRef {
+    /// The file's current stamp; `None` for env secrets or an unreadable file.
+    pub fn stamp(&self) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(self.path()?).ok()?;
+        Some(FileStamp {
+            modified: metadata.modified().ok(),
+            length: metadata.len(),
+            inode: metadata.ino(),
+        })
     }
 }

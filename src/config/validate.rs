@@ -8,9 +8,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::raw::{
-    RawConnection, RawLog, RawPlatform, RawProbe, RawServer, RawStore, SECTIONS,
-};
+use super::raw::{RawConnection, RawLog, RawPlatform, RawProbe, RawServer, RawStore, SECTIONS};
 use super::{
     Config, ConnectionConfig, LogConfig, LogFormat, PlatformConfig, ProbeConfig, Problem,
     SecretRef, ServerConfig, StoreConfig,
@@ -129,7 +127,9 @@ impl<'t> Checker<'t> {
             Err(error) => {
                 self.problem(
                     path,
-                    format!("{text:?} is not a duration ({error}); write e.g. \"30s\", \"5m\", \"24h\""),
+                    format!(
+                        "{text:?} is not a duration ({error}); write e.g. \"30s\", \"5m\", \"24h\""
+                    ),
                 );
                 humantime::parse_duration(default).unwrap_or(Duration::from_secs(1))
             }
@@ -222,10 +222,18 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     let mut platforms = BTreeMap::new();
     match take("platforms") {
         Some(toml::Value::Table(entries)) => {
+            // With several platforms, one hanging platform must not take every probe slot.
+            let default_concurrency = if entries.len() > 1 {
+                (probe.concurrency / 2).max(1)
+            } else {
+                probe.concurrency
+            };
             for (name, value) in entries {
                 let path = [key("platforms"), key(&name)];
                 if let Some(raw) = checker.section::<RawPlatform>(value, &path) {
-                    if let Some(platform) = platform(&mut checker, &path, &name, raw, &probe) {
+                    if let Some(platform) =
+                        platform(&mut checker, &path, &name, raw, default_concurrency)
+                    {
                         platforms.insert(name, platform);
                     }
                 }
@@ -279,21 +287,34 @@ fn store(checker: &mut Checker, raw: RawStore) -> StoreConfig {
     let url = raw
         .url
         .unwrap_or_else(|| "sqlite:///var/lib/connwatch/connwatch.db".to_owned());
-    if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://"))
+    {
         checker.problem(
             &[key("store"), key("url")],
             "must start with sqlite: or postgres:// (the credentials may be given by PGPASSWORD)",
         );
     }
-    let retention = checker.duration(&[key("store"), key("retention")], raw.retention.as_deref(), "7d");
-    let prune_schedule = raw.prune_schedule.unwrap_or_else(|| "0 17 3 * * *".to_owned());
+    let retention = checker.duration(
+        &[key("store"), key("retention")],
+        raw.retention.as_deref(),
+        "7d",
+    );
+    let prune_schedule = raw
+        .prune_schedule
+        .unwrap_or_else(|| "0 17 3 * * *".to_owned());
     if prune_schedule.split_whitespace().count() != 6 {
         checker.problem(
             &[key("store"), key("prune_schedule")],
             "a cron expression with six fields (seconds first), e.g. \"0 17 3 * * *\"",
         );
     }
-    let max_connections = checker.positive(&[key("store"), key("max_connections")], raw.max_connections, 8);
+    let max_connections = checker.positive(
+        &[key("store"), key("max_connections")],
+        raw.max_connections,
+        8,
+    );
     StoreConfig {
         url,
         retention,
@@ -332,11 +353,18 @@ fn probe(checker: &mut Checker, raw: RawProbe) -> ProbeConfig {
     let path = |name: &str| [key("probe"), key(name)];
     let interval = checker.duration(&path("interval"), raw.interval.as_deref(), "5m");
     let timeout = checker.duration(&path("timeout"), raw.timeout.as_deref(), "10s");
-    let connect_timeout =
-        checker.duration(&path("connect_timeout"), raw.connect_timeout.as_deref(), "5s");
-    let confirm_after = checker.duration(&path("confirm_after"), raw.confirm_after.as_deref(), "30s");
-    let reauth_backoff =
-        checker.duration(&path("reauth_backoff"), raw.reauth_backoff.as_deref(), "15m");
+    let connect_timeout = checker.duration(
+        &path("connect_timeout"),
+        raw.connect_timeout.as_deref(),
+        "5s",
+    );
+    let confirm_after =
+        checker.duration(&path("confirm_after"), raw.confirm_after.as_deref(), "30s");
+    let reauth_backoff = checker.duration(
+        &path("reauth_backoff"),
+        raw.reauth_backoff.as_deref(),
+        "15m",
+    );
     let token_check_interval = checker.duration(
         &path("token_check_interval"),
         raw.token_check_interval.as_deref(),
@@ -380,10 +408,17 @@ fn log(checker: &mut Checker, raw: RawLog) -> LogConfig {
     }
 }
 
-fn json_pointer(checker: &mut Checker, path: &[Segment], pointer: Option<String>) -> Option<String> {
+fn json_pointer(
+    checker: &mut Checker,
+    path: &[Segment],
+    pointer: Option<String>,
+) -> Option<String> {
     match pointer {
         Some(pointer) if !pointer.is_empty() && !pointer.starts_with('/') => {
-            checker.problem(path, format!("{pointer:?} is not a JSON pointer (it starts with '/')"));
+            checker.problem(
+                path,
+                format!("{pointer:?} is not a JSON pointer (it starts with '/')"),
+            );
             None
         }
         other => other,
@@ -395,7 +430,7 @@ fn platform(
     path: &[Segment],
     name: &str,
     raw: RawPlatform,
-    probe: &ProbeConfig,
+    default_concurrency: u32,
 ) -> Option<PlatformConfig> {
     let at = |leaf: &str| {
         let mut full = path.to_vec();
@@ -407,7 +442,10 @@ fn platform(
         .map(|url| !matches!(url.scheme(), "http" | "https"))
         .unwrap_or(true)
     {
-        checker.problem(&at("base_url"), format!("{:?} is not an http(s) URL", raw.base_url));
+        checker.problem(
+            &at("base_url"),
+            format!("{:?} is not an http(s) URL", raw.base_url),
+        );
     }
     if !raw.probe.path.starts_with('/') {
         checker.problem(&at("probe"), "path must start with '/'");
@@ -416,7 +454,10 @@ fn platform(
     let probe_method = match reqwest::Method::from_bytes(method_text.to_uppercase().as_bytes()) {
         Ok(method) => method,
         Err(_) => {
-            checker.problem(&at("probe"), format!("{method_text:?} is not an HTTP method"));
+            checker.problem(
+                &at("probe"),
+                format!("{method_text:?} is not an HTTP method"),
+            );
             reqwest::Method::GET
         }
     };
@@ -434,14 +475,16 @@ fn platform(
     let error_code_pointer = json_pointer(
         checker,
         &at("error_code_pointer"),
-        raw.error_code_pointer.or_else(|| Some("/error/code".to_owned())),
+        raw.error_code_pointer
+            .or_else(|| Some("/error/code".to_owned())),
     );
     let error_message_pointer = json_pointer(
         checker,
         &at("error_message_pointer"),
-        raw.error_message_pointer.or_else(|| Some("/error/message".to_owned())),
+        raw.error_message_pointer
+            .or_else(|| Some("/error/message".to_owned())),
     );
-    let concurrency = checker.positive(&at("concurrency"), raw.concurrency, probe.concurrency);
+    let concurrency = checker.positive(&at("concurrency"), raw.concurrency, default_concurrency);
     (checker.problems.len() == before).then(|| PlatformConfig {
         name: name.to_owned(),
         base_url: raw.base_url.trim_end_matches('/').to_owned(),
@@ -486,7 +529,11 @@ fn connection(
             format!(
                 "unknown platform {:?}; defined: {}",
                 raw.platform,
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             ),
         );
     }
@@ -578,8 +625,12 @@ token = "literal-secret"
              [[connections]]\nid = \"a\"\nplatform = \"makini\"\ntoken = {{ file = \"/etc/hostname\" }}\n"
         );
         let problems = parse(&text).expect_err("invalid");
-        assert!(problems.iter().any(|problem| problem.key == "connections[1].id"
-            && problem.message.contains("duplicate")));
+        assert!(
+            problems
+                .iter()
+                .any(|problem| problem.key == "connections[1].id"
+                    && problem.message.contains("duplicate"))
+        );
     }
 
     #[test]

@@ -54,15 +54,18 @@ impl Store {
         now: Millis,
     ) -> Result<u64, StoreError> {
         let mut transaction = self.begin_write().await?;
-        let generation: i64 = sqlx::query(
-            "SELECT COALESCE(MAX(config_generation), 0) + 1 FROM connections",
-        )
-        .fetch_one(&mut *transaction)
-        .await?
-        .try_get(0)?;
+        let generation: i64 =
+            sqlx::query("SELECT COALESCE(MAX(config_generation), 0) + 1 FROM connections")
+                .fetch_one(&mut *transaction)
+                .await?
+                .try_get(0)?;
         for connection in connections {
             let paused = i64::from(connection.paused);
-            let initial_health = if connection.paused { "paused" } else { "unknown" };
+            let initial_health = if connection.paused {
+                "paused"
+            } else {
+                "unknown"
+            };
             let existing: Option<(String, i64)> =
                 sqlx::query_as("SELECT health, paused FROM connections WHERE id = $1")
                     .bind(connection.id.as_str())
@@ -102,7 +105,11 @@ impl Store {
                     .await?;
                     if (was_paused != 0) != connection.paused {
                         let from = parse_health(&health)?;
-                        let to = if connection.paused { Health::Paused } else { Health::Unknown };
+                        let to = if connection.paused {
+                            Health::Paused
+                        } else {
+                            Health::Unknown
+                        };
                         set_health_by_operator(&mut transaction, &connection.id, from, to, now)
                             .await?;
                     }
@@ -245,11 +252,12 @@ impl Store {
     /// Marks a connection due now (token rotated, probe requested). False if unknown.
     pub async fn request_probe(&self, id: &ConnectionId, now: Millis) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
-        let updated = sqlx::query("UPDATE connections SET next_due = $2 WHERE id = $1 AND active = 1")
-            .bind(id.as_str())
-            .bind(now)
-            .execute(&mut *transaction)
-            .await?;
+        let updated =
+            sqlx::query("UPDATE connections SET next_due = $2 WHERE id = $1 AND active = 1")
+                .bind(id.as_str())
+                .bind(now)
+                .execute(&mut *transaction)
+                .await?;
         transaction.commit().await?;
         Ok(updated.rows_affected() == 1)
     }

@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::probes::{parse_health, parse_id, parse_outcome};
 use super::{Store, StoreError};
-use crate::domain::{ConnectionId, Health, Millis, Outcome};
+use crate::domain::{ConnectionId, Health, Millis, Outcome, wire};
 
 /// A connection's current state, as listed by `status` and `GET /api/v1/connections`.
 #[derive(Debug, Clone, Serialize)]
@@ -16,8 +16,11 @@ pub struct ConnectionSummary {
     pub platform: String,
     pub remote_id: Option<String>,
     pub health: Health,
+    #[serde(serialize_with = "wire::time")]
     pub health_since: Millis,
+    #[serde(serialize_with = "wire::time")]
     pub next_due: Millis,
+    #[serde(serialize_with = "wire::optional_time")]
     pub last_probe_at: Option<Millis>,
     pub last_outcome: Option<Outcome>,
     pub last_status: Option<i64>,
@@ -30,6 +33,7 @@ pub struct ConnectionSummary {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TransitionRow {
+    #[serde(serialize_with = "wire::time")]
     pub at: Millis,
     pub from: Health,
     pub to: Health,
@@ -37,6 +41,7 @@ pub struct TransitionRow {
     pub outcome: Option<Outcome>,
     pub error_code: Option<String>,
     pub request_id: Option<String>,
+    #[serde(serialize_with = "wire::optional_time")]
     pub first_failure_at: Option<Millis>,
 }
 
@@ -44,8 +49,11 @@ pub struct TransitionRow {
 pub struct IncidentRow {
     pub id: i64,
     pub kind: Health,
+    #[serde(serialize_with = "wire::time")]
     pub opened_at: Millis,
+    #[serde(serialize_with = "wire::optional_time")]
     pub closed_at: Option<Millis>,
+    #[serde(serialize_with = "wire::time")]
     pub first_failure_at: Millis,
     pub error_code: Option<String>,
     pub request_id: Option<String>,
@@ -53,6 +61,7 @@ pub struct IncidentRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeRow {
+    #[serde(serialize_with = "wire::time")]
     pub at: Millis,
     pub outcome: Outcome,
     pub status: Option<i64>,
@@ -162,10 +171,14 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut counts: Vec<(Health, i64)> = Health::ALL.iter().map(|&health| (health, 0)).collect();
+        let mut counts: Vec<(Health, i64)> =
+            Health::ALL.iter().map(|&health| (health, 0)).collect();
         for (health, count) in rows {
             let health = parse_health(&health)?;
-            if let Some(entry) = counts.iter_mut().find(|(candidate, _)| *candidate == health) {
+            if let Some(entry) = counts
+                .iter_mut()
+                .find(|(candidate, _)| *candidate == health)
+            {
                 entry.1 = count;
             }
         }

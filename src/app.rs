@@ -1,0 +1,272 @@
+//! Assembles the daemon: store, scheduler, listeners, background jobs; runs until cancelled.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::config::secret::FileStamp;
+use crate::domain::ConnectionId;
+use crate::jobs::CronJobs;
+use crate::metrics::Metrics;
+use crate::probe::Prober;
+use crate::schedule::{Event, Roster, Scheduler};
+use crate::server::{AdminState, admin_router};
+use crate::store::{Store, SyncConnection, now_millis};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Hooks for the service manager (systemd notify); no-ops by default.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Called every scheduler turn (watchdog ping).
+    pub on_tick: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// A started daemon.
+pub struct Running {
+    /// Where the admin listener is bound (port 0 in tests resolves here).
+    pub admin_addr: SocketAddr,
+    pub store: Store,
+    pub scheduler: Scheduler,
+    pub metrics: Metrics,
+    pub events: broadcast::Sender<Event>,
+    cancel: CancellationToken,
+    probes: TaskTracker,
+    background: Vec<JoinHandle<()>>,
+    scheduler_loop: JoinHandle<()>,
+    cron: CronJobs,
+    drain_deadline: Duration,
+}
+
+/// Opens the store and brings its schema up to date.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::connect(&config.store.url, config.store.max_connections)
+        .await
+        .context("cannot open the store (store.url)")?;
+    store.migrate().await.context("cannot migrate the store")?;
+    Ok(store)
+}
+
+/// Writes the configured connections into the store.
+pub async fn sync_connections(
+    store: &Store,
+    scheduler: &Scheduler,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let now = now_millis();
+    let connections: Vec<SyncConnection> = config
+        .connections
+        .iter()
+        .map(|connection| SyncConnection {
+            id: connection.id.clone(),
+            name: connection.name.clone(),
+            platform: connection.platform.clone(),
+            remote_id: connection.remote_id.clone(),
+            paused: connection.paused,
+            first_due: scheduler.first_due(&connection.id, now),
+        })
+        .collect();
+    let deactivated = store
+        .sync_connections(&connections, now)
+        .await
+        .context("cannot store the configured connections")?;
+    tracing::info!(
+        connections = connections.len(),
+        deactivated,
+        "connections synchronised with the config"
+    );
+    Ok(())
+}
+
+/// Builds the scheduler without starting anything (also used by `connwatch probe`).
+pub fn build_scheduler(
+    config: &Config,
+    store: Store,
+    metrics: Metrics,
+    events: broadcast::Sender<Event>,
+) -> anyhow::Result<Scheduler> {
+    let prober = Prober::new(&config.platforms, &config.probe)?;
+    for platform in config.platforms.keys() {
+        metrics.declare_platform(platform);
+    }
+    Ok(Scheduler::new(
+        store,
+        prober,
+        metrics,
+        Roster::new(&config.connections),
+        config.probe.clone(),
+        events,
+    ))
+}
+
+/// Starts everything; returns once the admin listener is bound and probing has begun.
+pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
+    let metrics = Metrics::new(VERSION);
+    let store = open_store(&config).await?;
+    let (events, _) = broadcast::channel(1024);
+    let scheduler = build_scheduler(&config, store.clone(), metrics.clone(), events.clone())?;
+    sync_connections(&store, &scheduler, &config).await?;
+
+    let admin_token = match &config.server.admin_token {
+        Some(reference) => Some(Arc::new(
+            reference.read().context("cannot read server.admin_token")?,
+        )),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.server.admin)
+        .await
+        .with_context(|| format!("cannot listen on server.admin {}", config.server.admin))?;
+    let admin_addr = listener.local_addr()?;
+    let cancel = CancellationToken::new();
+    let router = admin_router(AdminState {
+        store: store.clone(),
+        scheduler: scheduler.clone(),
+        metrics: metrics.clone(),
+        admin_token,
+    });
+    let mut background = Vec::new();
+    let admin_cancel = cancel.clone();
+    background.push(tokio::spawn(async move {
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { admin_cancel.cancelled().await });
+        if let Err(error) = serve.await {
+            tracing::error!(%error, "admin listener failed");
+        }
+    }));
+    background.push(tokio::spawn(refresh_health_gauges(
+        store.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    )));
+    background.push(tokio::spawn(watch_token_files(
+        scheduler.clone(),
+        store.clone(),
+        config.probe.token_check_interval,
+        cancel.clone(),
+    )));
+    let probes = TaskTracker::new();
+    let on_tick = hooks.on_tick.unwrap_or_else(|| Arc::new(|| {}));
+    let scheduler_loop = tokio::spawn(scheduler.clone().run(
+        cancel.clone(),
+        probes.clone(),
+        on_tick,
+    ));
+    let cron = CronJobs::start(
+        store.clone(),
+        metrics.clone(),
+        &config.store.prune_schedule,
+        config.store.retention,
+    )
+    .await
+    .context("cannot start the pruning job (store.prune_schedule)")?;
+    tracing::info!(%admin_addr, connections = config.connections.len(), "connwatch running");
+    Ok(Running {
+        admin_addr,
+        store,
+        scheduler,
+        metrics,
+        events,
+        cancel,
+        probes,
+        background,
+        scheduler_loop,
+        cron,
+        drain_deadline: config.probe.timeout + Duration::from_secs(5),
+    })
+}
+
+impl Running {
+    /// A token that stops the daemon when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops claiming, drains in-flight probes (up to the deadline), stops the
+    /// listeners and jobs, and closes the pool.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new probes; draining those in flight");
+        self.cancel.cancel();
+        self.probes.close();
+        if tokio::time::timeout(self.drain_deadline, self.probes.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("probes still in flight at the drain deadline; their leases expire");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.scheduler_loop).await;
+        self.cron.shutdown(Duration::from_secs(5)).await;
+        for task in self.background {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a listener did not stop within 5 s");
+            }
+        }
+        self.store.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Keeps `connwatch_connections{health}` current from the store.
+async fn refresh_health_gauges(store: Store, metrics: Metrics, cancel: CancellationToken) {
+    loop {
+        match store.health_counts().await {
+            Ok(counts) => {
+                for (health, count) in counts {
+                    metrics
+                        .connections
+                        .with_label_values(&[health.as_str()])
+                        .set(count);
+                }
+            }
+            Err(error) => {
+                metrics
+                    .store_errors
+                    .with_label_values(&["health_counts"])
+                    .inc();
+                tracing::warn!(%error, "cannot count connections per health");
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Re-stats token files; a changed file (rotated token) gets an immediate probe.
+async fn watch_token_files(
+    scheduler: Scheduler,
+    store: Store,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut known: HashMap<ConnectionId, Option<FileStamp>> = HashMap::new();
+    loop {
+        let roster = scheduler.roster();
+        for (id, connection) in &roster.connections {
+            let stamp = connection.token.stamp();
+            let previous = known.insert(id.clone(), stamp);
+            if matches!(previous, Some(old) if old != stamp) {
+                tracing::info!(connection_id = %id, "token file changed; probing now");
+                if let Err(error) = store.request_probe(id, now_millis()).await {
+                    tracing::warn!(connection_id = %id, %error, "cannot schedule the probe");
+                }
+            }
+        }
+        known.retain(|id, _| roster.connections.contains_key(id));
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}

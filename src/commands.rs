@@ -1,0 +1,169 @@
+//! The one-shot commands: `check-config`, `migrate`, `status`, `probe`.
+
+use std::io::Write;
+
+use anyhow::Context;
+use tokio::sync::broadcast;
+
+use crate::app::{VERSION, build_scheduler, open_store, sync_connections};
+use crate::config::Config;
+use crate::domain::{ConnectionId, Millis, wire};
+use crate::metrics::Metrics;
+use crate::store::{ConnectionSummary, now_millis};
+
+/// Prints a one-line summary of a valid config.
+pub fn check_config(config: &Config, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "config valid: {} platform(s), {} connection(s), store {}",
+        config.platforms.len(),
+        config.connections.len(),
+        redact_url(&config.store.url)
+    )
+}
+
+pub async fn migrate(config: &Config, out: &mut impl Write) -> anyhow::Result<()> {
+    open_store(config).await?;
+    writeln!(out, "store migrated: {}", redact_url(&config.store.url))?;
+    Ok(())
+}
+
+/// `connwatch status [--json]`.
+pub async fn status(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let connections = store.list_connections().await?;
+    if json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({ "connections": connections }),
+        )?;
+        writeln!(out)?;
+    } else {
+        write_table(&connections, now_millis(), out)?;
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// The plain-text status table.
+pub fn write_table(
+    connections: &[ConnectionSummary],
+    now: Millis,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<24} {:<13} {:<22} {:<24} INCIDENT",
+        "ID", "HEALTH", "SINCE", "LAST PROBE"
+    )?;
+    for connection in connections {
+        let last_probe = match (connection.last_probe_at, connection.last_outcome) {
+            (Some(at), Some(outcome)) => format!("{outcome} {}", ago(now, at)),
+            _ => "never".to_owned(),
+        };
+        let incident = match &connection.open_incident {
+            Some(incident) => format!(
+                "{} since {}{}",
+                incident.kind,
+                wire::rfc3339(incident.first_failure_at),
+                incident
+                    .error_code
+                    .as_ref()
+                    .map(|code| format!(" ({code})"))
+                    .unwrap_or_default()
+            ),
+            None => "-".to_owned(),
+        };
+        writeln!(
+            out,
+            "{:<24} {:<13} {:<22} {:<24} {}",
+            connection.id.as_str(),
+            connection.health.as_str(),
+            ago(now, connection.health_since),
+            last_probe,
+            incident
+        )?;
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for connection in connections {
+        *counts.entry(connection.health.as_str()).or_insert(0) += 1;
+    }
+    let summary: Vec<String> = counts
+        .iter()
+        .map(|(health, count)| format!("{count} {health}"))
+        .collect();
+    writeln!(
+        out,
+        "{} connection(s): {}",
+        connections.len(),
+        summary.join(", ")
+    )
+}
+
+fn ago(now: Millis, at: Millis) -> String {
+    let seconds = ((now - at) / 1000).max(0);
+    match seconds {
+        0..60 => format!("{seconds}s ago"),
+        60..3600 => format!("{}m ago", seconds / 60),
+        3600..86400 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86400),
+    }
+}
+
+/// `connwatch probe ID`: probes now, stores the result, prints it. Never the token.
+pub async fn probe(config: &Config, raw_id: &str, out: &mut impl Write) -> anyhow::Result<bool> {
+    let id = ConnectionId::parse(raw_id).map_err(anyhow::Error::msg)?;
+    if config.connection(raw_id).is_none() {
+        anyhow::bail!("no connection with id {raw_id} in the config");
+    }
+    let store = open_store(config).await?;
+    let (events, _) = broadcast::channel(16);
+    let scheduler = build_scheduler(config, store.clone(), Metrics::new(VERSION), events)?;
+    sync_connections(&store, &scheduler, config).await?;
+    let record = scheduler
+        .probe_now(&id)
+        .await
+        .with_context(|| format!("cannot probe {id}"))?;
+    let report = &record.report;
+    writeln!(out, "connection:  {id}")?;
+    writeln!(out, "outcome:     {}", report.outcome)?;
+    writeln!(
+        out,
+        "status:      {}",
+        report
+            .status
+            .map(|status| status.to_string())
+            .unwrap_or_else(|| "-".into())
+    )?;
+    writeln!(out, "latency:     {} ms", report.latency_ms)?;
+    writeln!(
+        out,
+        "request id:  {}",
+        report.request_id.as_deref().unwrap_or("-")
+    )?;
+    writeln!(
+        out,
+        "error code:  {}",
+        report.error_code.as_deref().unwrap_or("-")
+    )?;
+    if let Some(message) = &report.message {
+        writeln!(out, "message:     {message}")?;
+    }
+    writeln!(out, "health:      {}", record.verdict.state.health)?;
+    if let Some(transition) = &record.verdict.transition {
+        writeln!(out, "transition:  {} -> {}", transition.from, transition.to)?;
+    }
+    store.close().await;
+    Ok(report.outcome == crate::domain::Outcome::Ok)
+}
+
+/// Hides a password in a database URL.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,99 @@
+//! Wall-clock jobs on tokio-cron-scheduler (nightly pruning), guarded against its traps:
+//! overlapping runs are skipped and counted, every run's end is a metric, and shutdown
+//! is driven by our own cancellation token.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
+
+use crate::metrics::Metrics;
+use crate::store::{Store, now_millis};
+
+/// The running cron jobs.
+pub struct CronJobs {
+    scheduler: JobScheduler,
+    busy: Vec<Arc<AtomicBool>>,
+}
+
+impl CronJobs {
+    /// Starts the nightly pruning of probe history older than `retention`.
+    pub async fn start(
+        store: Store,
+        metrics: Metrics,
+        prune_schedule: &str,
+        retention: Duration,
+    ) -> Result<CronJobs, JobSchedulerError> {
+        let scheduler = JobScheduler::new().await?;
+        let mut jobs = CronJobs {
+            scheduler,
+            busy: Vec::new(),
+        };
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+        jobs.add("prune", prune_schedule, metrics, move || {
+            let store = store.clone();
+            async move {
+                match store.prune_probe_results(now_millis() - retention_ms).await {
+                    Ok(deleted) => tracing::info!(deleted, "pruned probe history"),
+                    Err(error) => tracing::error!(%error, "pruning failed; next run retries"),
+                }
+            }
+        })
+        .await?;
+        jobs.scheduler.start().await?;
+        Ok(jobs)
+    }
+
+    async fn add<F, Fut>(
+        &mut self,
+        name: &'static str,
+        schedule: &str,
+        metrics: Metrics,
+        run: F,
+    ) -> Result<(), JobSchedulerError>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let busy = Arc::new(AtomicBool::new(false));
+        self.busy.push(busy.clone());
+        let run = Arc::new(run);
+        let job = Job::new_async(schedule, move |_id, _scheduler| {
+            let busy = busy.clone();
+            let metrics = metrics.clone();
+            let run = run.clone();
+            Box::pin(async move {
+                if busy.swap(true, Ordering::AcqRel) {
+                    metrics.jobs_skipped.with_label_values(&[name]).inc();
+                    tracing::warn!(job = name, "previous run still going; skipped");
+                    return;
+                }
+                run().await;
+                metrics
+                    .job_last_run
+                    .with_label_values(&[name])
+                    .set(now_millis() as f64 / 1000.0);
+                busy.store(false, Ordering::Release);
+            })
+        })?;
+        self.scheduler.add(job).await?;
+        Ok(())
+    }
+
+    /// Stops firing and waits (up to `deadline`) for runs in flight.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        if let Err(error) = self.scheduler.shutdown().await {
+            tracing::warn!(%error, "cron scheduler did not stop cleanly");
+        }
+        let waiting = async {
+            while self.busy.iter().any(|busy| busy.load(Ordering::Acquire)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(deadline, waiting).await.is_err() {
+            tracing::warn!("a cron job was still running at shutdown");
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The deadline loop: who is due, spread evenly over the interval, claimed with leases.
+//!
+//! tick -> store.claim_due -> probe (network) -> classify (pure) -> writer batches
+//! -> store.record_probes (one transaction) -> metrics and events.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::classify::{Policy, classify};
+use crate::config::{ConnectionConfig, ProbeConfig};
+use crate::domain::{ConnectionId, Millis, Outcome, ProbeReport, Transition};
+use crate::metrics::Metrics;
+use crate::probe::Prober;
+use crate::store::{Claimed, ProbeRecord, Store, StoreError, now_millis};
+
+/// Time between loop turns when nothing more is due.
+const TICK: Duration = Duration::from_millis(200);
+/// Most connections claimed in one turn.
+const CLAIM_BATCH: u32 = 500;
+/// Most probe results written in one transaction.
+const WRITE_BATCH: usize = 512;
+
+/// Something worth telling a watcher of the daemon (the demo, tests).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A probe was stored.
+    Probed {
+        id: ConnectionId,
+        report: ProbeReport,
+    },
+    /// A connection changed health.
+    Transition {
+        id: ConnectionId,
+        name: String,
+        transition: Transition,
+    },
+}
+
+/// The configured connections, swapped whole on reload.
+#[derive(Debug, Default)]
+pub struct Roster {
+    pub connections: HashMap<ConnectionId, Arc<ConnectionConfig>>,
+}
+
+impl Roster {
+    pub fn new(connections: &[ConnectionConfig]) -> Roster {
+        Roster {
+            connections: connections
+                .iter()
+                .map(|connection| (connection.id.clone(), Arc::new(connection.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// Probes connections when they are due; shared by the loop, the API and the CLI.
+#[derive(Clone)]
+pub struct Scheduler {
+    store: Store,
+    prober: Prober,
+    metrics: Metrics,
+    roster: Arc<RwLock<Arc<Roster>>>,
+    settings: Arc<ProbeConfig>,
+    owner: Arc<str>,
+    events: broadcast::Sender<Event>,
+    last_tick: Arc<AtomicI64>,
+}
+
+/// Why a requested probe did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeNowError {
+    /// No such active connection.
+    #[error("no connection with id {0}")]
+    Unknown(String),
+    /// Another probe of this connection is in flight.
+    #[error("a probe of {0} is already in flight")]
+    Busy(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Store,
+        prober: Prober,
+        metrics: Metrics,
+        roster: Roster,
+        settings: ProbeConfig,
+        events: broadcast::Sender<Event>,
+    ) -> Scheduler {
+        let owner = format!(
+            "{}-{}-{:08x}",
+            hostname(),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        Scheduler {
+            store,
+            prober,
+            metrics,
+            roster: Arc::new(RwLock::new(Arc::new(roster))),
+            settings: Arc::new(settings),
+            owner: owner.into(),
+            events,
+            last_tick: Arc::new(AtomicI64::new(now_millis())),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            failure_threshold: self.settings.failure_threshold,
+            unreachable_threshold: self.settings.unreachable_threshold,
+            confirm_after: millis(self.settings.confirm_after),
+            reauth_backoff: millis(self.settings.reauth_backoff),
+        }
+    }
+
+    /// Replaces the configured connections (reload).
+    pub fn set_roster(&self, roster: Roster) {
+        *self.roster.write().expect("roster lock") = Arc::new(roster);
+    }
+
+    pub fn roster(&self) -> Arc<Roster> {
+        self.roster.read().expect("roster lock").clone()
+    }
+
+    /// When the loop last turned (milliseconds), for `/readyz`.
+    pub fn last_tick(&self) -> Millis {
+        self.last_tick.load(Ordering::Relaxed)
+    }
+
+    /// The first due time of a connection: its slot in the interval, after `now`.
+    pub fn first_due(&self, id: &ConnectionId, now: Millis) -> Millis {
+        next_slot(id, now, millis(self.settings.interval))
+    }
+
+    fn lease_until(&self, now: Millis) -> Millis {
+        now + 2 * millis(self.settings.timeout) + 30_000
+    }
+
+    /// Runs the deadline loop until `cancel`; probes run on `tracker`. `on_tick` is called
+    /// every turn (the systemd watchdog is pinged from there, so a stuck loop is noticed).
+    pub async fn run(
+        self,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+        on_tick: Arc<dyn Fn() + Send + Sync>,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency as usize));
+        let (results, receiver) = mpsc::channel::<ProbeRecord>(4 * WRITE_BATCH);
+        let writer = tokio::spawn(self.clone().write_results(receiver));
+        loop {
+            let now = now_millis();
+            self.last_tick.store(now, Ordering::Relaxed);
+            self.metrics.scheduler_last_tick.set(now as f64 / 1000.0);
+            on_tick();
+            let available = permits.available_permits().min(CLAIM_BATCH as usize) as u32;
+            let mut claimed_full_batch = false;
+            if available > 0 {
+                match self
+                    .store
+                    .claim_due(now, available, &self.owner, self.lease_until(now))
+                    .await
+                {
+                    Ok(claims) => {
+                        claimed_full_batch = claims.len() as u32 == available;
+                        for claim in claims {
+                            let Ok(permit) = permits.clone().acquire_owned().await else {
+                                break;
+                            };
+                            let scheduler = self.clone();
+                            let results = results.clone();
+                            tracker.spawn(async move {
+                                let record = scheduler.probe_claimed(claim).await;
+                                let _ = results.send(record).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        self.metrics
+                            .store_errors
+                            .with_label_values(&["claim_due"])
+                            .inc();
+                        tracing::error!(%error, "cannot claim due connections; retrying");
+                    }
+                }
+            }
+            if claimed_full_batch && permits.available_permits() > 0 {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(TICK) => {}
+            }
+        }
+        drop(results);
+        // In-flight probes finish on the tracker; the writer stores them, then ends.
+        let _ = writer.await;
+    }
+
+    /// Probes one claimed connection and classifies the answer.
+    async fn probe_claimed(&self, claim: Claimed) -> ProbeRecord {
+        let connection = self.roster().connections.get(&claim.id).cloned();
+        self.metrics.probes_in_flight.inc();
+        let report = match &connection {
+            Some(connection) => match connection.token.read() {
+                Ok(token) => {
+                    let span = tracing::info_span!(
+                        "probe",
+                        connection_id = %claim.id,
+                        platform = %claim.platform
+                    );
+                    self.prober
+                        .probe(&connection.platform, &token)
+                        .instrument(span)
+                        .await
+                }
+                Err(error) => {
+                    tracing::warn!(connection_id = %claim.id, %error, "cannot read the token");
+                    unreadable_token(&error.to_string())
+                }
+            },
+            None => unreadable_token("connection is no longer configured"),
+        };
+        self.metrics.probes_in_flight.dec();
+        let now = now_millis();
+        let regular_due = next_slot(&claim.id, now, millis(self.settings.interval));
+        let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
+        ProbeRecord {
+            id: claim.id,
+            at: now,
+            report,
+            verdict,
+            last_outcome: claim.last_outcome,
+            lease_owner: self.owner.to_string(),
+        }
+    }
+
+    /// Stores probe results in batches: whatever has arrived, up to `WRITE_BATCH`.
+    async fn write_results(self, mut receiver: mpsc::Receiver<ProbeRecord>) {
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        while receiver.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+            self.store_batch(&batch).await;
+            batch.clear();
+        }
+    }
+
+    async fn store_batch(&self, batch: &[ProbeRecord]) {
+        let mut attempt = 0;
+        loop {
+            match self.store.record_probes(batch).await {
+                Ok(_) => break,
+                Err(error) if attempt < 3 => {
+                    attempt += 1;
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&["record_probes"])
+                        .inc();
+                    tracing::warn!(%error, attempt, "cannot store probe results; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(error) => {
+                    // The leases expire and the connections are probed again.
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&["record_probes"])
+                        .inc();
+                    tracing::error!(%error, probes = batch.len(), "probe results lost; they will be re-probed");
+                    return;
+                }
+            }
+        }
+        for record in batch {
+            self.observe(record);
+        }
+    }
+
+    fn observe(&self, record: &ProbeRecord) {
+        let roster = self.roster();
+        let connection = roster.connections.get(&record.id);
+        let platform = connection
+            .map(|connection| connection.platform.as_str())
+            .unwrap_or("unknown");
+        self.metrics
+            .probes
+            .with_label_values(&[platform, record.report.outcome.as_str()])
+            .inc();
+        self.metrics
+            .probe_duration
+            .with_label_values(&[platform])
+            .observe(record.report.latency_ms as f64 / 1000.0);
+        let _ = self.events.send(Event::Probed {
+            id: record.id.clone(),
+            report: record.report.clone(),
+        });
+        if let Some(transition) = &record.verdict.transition {
+            self.metrics
+                .transitions
+                .with_label_values(&[transition.to.as_str()])
+                .inc();
+            tracing::info!(
+                connection_id = %record.id,
+                from = %transition.from,
+                to = %transition.to,
+                outcome = ?transition.outcome.map(Outcome::as_str),
+                error_code = ?transition.error_code,
+                request_id = ?transition.request_id,
+                "health changed"
+            );
+            let _ = self.events.send(Event::Transition {
+                id: record.id.clone(),
+                name: connection
+                    .map(|connection| connection.name.clone())
+                    .unwrap_or_default(),
+                transition: transition.clone(),
+            });
+        }
+    }
+
+    /// Probes one connection now, stores the result and returns it (API, CLI).
+    pub async fn probe_now(&self, id: &ConnectionId) -> Result<ProbeRecord, ProbeNowError> {
+        let now = now_millis();
+        let claim = self
+            .store
+            .claim_one(id, now, &self.owner, self.lease_until(now))
+            .await?;
+        let Some(claim) = claim else {
+            return Err(match self.store.connection_detail(id).await? {
+                Some(_) => ProbeNowError::Busy(id.to_string()),
+                None => ProbeNowError::Unknown(id.to_string()),
+            });
+        };
+        let record = self.probe_claimed(claim).await;
+        self.store
+            .record_probes(std::slice::from_ref(&record))
+            .await?;
+        self.observe(&record);
+        Ok(record)
+    }
+}
+
+fn unreadable_token(detail: &str) -> ProbeReport {
+    ProbeReport {
+        outcome: Outcome::ClientError,
+        status: None,
+        latency_ms: 0,
+        request_id: None,
+        error_code: None,
+        message: Some(format!("not probed: {detail}")),
+        retry_after_secs: None,
+    }
+}
+
+pub fn millis(duration: Duration) -> Millis {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// The connection's next slot after `now`: a fixed phase within the interval, from a
+/// stable hash of its id, so a fleet is spread evenly and never probed all at once.
+pub fn next_slot(id: &ConnectionId, now: Millis, interval: Millis) -> Millis {
+    let interval = interval.max(1);
+    let phase = (fnv1a(id.as_str().as_bytes()) % interval as u64) as i64;
+    let since_phase = (now - phase).rem_euclid(interval);
+    now - since_phase + interval
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "connwatch".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_spread_ten_thousand_connections_evenly_over_the_interval() {
+        let interval = 300_000;
+        let now = 1_700_000_000_000;
+        let mut per_second = vec![0u32; 300];
+        for index in 0..10_000 {
+            let id = ConnectionId::parse(&format!("customer-{index}")).expect("id");
+            let slot = next_slot(&id, now, interval);
+            assert!(slot > now && slot <= now + interval);
+            per_second[((slot - now - 1) / 1000) as usize] += 1;
+        }
+        let busiest = per_second.iter().max().copied().unwrap_or_default();
+        assert!(
+            busiest < 80,
+            "at most ~2x the mean of 33 per second, got {busiest}"
+        );
+    }
+
+    #[test]
+    fn a_connection_keeps_its_phase_from_interval_to_interval() {
+        let id = ConnectionId::parse("acme").expect("id");
+        let first = next_slot(&id, 1_000_000, 60_000);
+        assert_eq!(next_slot(&id, first, 60_000), first + 60_000);
+        assert_eq!(next_slot(&id, first + 1, 60_000), first + 60_000);
+    }
+}
