@@ -102,8 +102,8 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-fn parse_id(raw: &str) -> Result<ConnectionId, Response> {
-    ConnectionId::parse(raw).map_err(|message| error(StatusCode::BAD_REQUEST, message))
+fn parse_id(raw: &str) -> Result<ConnectionId, Box<Response>> {
+    ConnectionId::parse(raw).map_err(|message| Box::new(error(StatusCode::BAD_REQUEST, message)))
 }
 
 async fn list_connections(State(state): State<AdminState>) -> Response {
@@ -119,7 +119,7 @@ async fn list_connections(State(state): State<AdminState>) -> Response {
 async fn connection_detail(State(state): State<AdminState>, Path(raw): Path<String>) -> Response {
     let id = match parse_id(&raw) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match state.store.connection_detail(&id).await {
         Ok(Some(detail)) => Json(detail).into_response(),
@@ -134,7 +134,7 @@ async fn connection_detail(State(state): State<AdminState>, Path(raw): Path<Stri
 async fn probe_connection(State(state): State<AdminState>, Path(raw): Path<String>) -> Response {
     let id = match parse_id(&raw) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match state.scheduler.probe_now(&id).await {
         Ok(record) => Json(json!({

@@ -230,12 +230,11 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             };
             for (name, value) in entries {
                 let path = [key("platforms"), key(&name)];
-                if let Some(raw) = checker.section::<RawPlatform>(value, &path) {
-                    if let Some(platform) =
+                if let Some(raw) = checker.section::<RawPlatform>(value, &path)
+                    && let Some(platform) =
                         platform(&mut checker, &path, &name, raw, default_concurrency)
-                    {
-                        platforms.insert(name, platform);
-                    }
+                {
+                    platforms.insert(name, platform);
                 }
             }
         }
@@ -546,10 +545,10 @@ fn connection(
             Err(message) => checker.problem(&contact_path, message),
         }
     }
-    if let Some(url) = &raw.reconnect_url {
-        if reqwest::Url::parse(url).is_err() {
-            checker.problem(&at("reconnect_url"), format!("{url:?} is not a URL"));
-        }
+    if let Some(url) = &raw.reconnect_url
+        && reqwest::Url::parse(url).is_err()
+    {
+        checker.problem(&at("reconnect_url"), format!("{url:?} is not a URL"));
     }
     checker.secret_readable(&at("token"), &raw.token);
     let id = id?;

@@ -63,7 +63,7 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
 
     wait_for(
         &mut events,
-        |id, to| id != "" && to == Health::Healthy,
+        |id, to| !id.is_empty() && to == Health::Healthy,
         CUSTOMERS.len(),
         out,
     )
@@ -113,26 +113,22 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     .await?;
     writeln!(out)?;
     print_status(&running, out).await?;
-    if let Some(detail) = running
-        .store
-        .connection_detail(&crate::domain::ConnectionId::parse("acme").map_err(anyhow::Error::msg)?)
-        .await?
-    {
-        if let Some(incident) = detail.incidents.first() {
-            writeln!(
-                out,
-                "\nIncident #{}: {} from {} to {}, error code {}, request id {}.",
-                incident.id,
-                incident.kind,
-                wire::rfc3339(incident.first_failure_at),
-                incident
-                    .closed_at
-                    .map(wire::rfc3339)
-                    .unwrap_or_else(|| "now".into()),
-                incident.error_code.as_deref().unwrap_or("-"),
-                incident.request_id.as_deref().unwrap_or("-"),
-            )?;
-        }
+    let acme = crate::domain::ConnectionId::parse("acme").map_err(anyhow::Error::msg)?;
+    let detail = running.store.connection_detail(&acme).await?;
+    if let Some(incident) = detail.as_ref().and_then(|detail| detail.incidents.first()) {
+        writeln!(
+            out,
+            "\nIncident #{}: {} from {} to {}, error code {}, request id {}.",
+            incident.id,
+            incident.kind,
+            wire::rfc3339(incident.first_failure_at),
+            incident
+                .closed_at
+                .map(wire::rfc3339)
+                .unwrap_or_else(|| "now".into()),
+            incident.error_code.as_deref().unwrap_or("-"),
+            incident.request_id.as_deref().unwrap_or("-"),
+        )?;
     }
     writeln!(
         out,

@@ -134,10 +134,10 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
         let folder = std::path::Path::new(path)
             .parent()
             .filter(|folder| !folder.as_os_str().is_empty());
-        if let Some(folder) = folder {
-            if !folder.is_dir() {
-                return Err(StoreError::MissingFolder(path.to_owned()));
-            }
+        if let Some(folder) = folder
+            && !folder.is_dir()
+        {
+            return Err(StoreError::MissingFolder(path.to_owned()));
         }
     }
     if url.contains("mode=") {

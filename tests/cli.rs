@@ -1,0 +1,308 @@
+//! The `connwatch` binary as a user runs it: real processes, real signals, captured output.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Conn, Kind, TestDb, config_text, token_file};
+use connwatch::demo::platform::{Behaviour, FakePlatform};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_connwatch");
+
+fn connwatch(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BINARY)
+        .args(args)
+        .output()
+        .expect("run connwatch");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_names_every_bad_key_and_fails() {
+    let folder = tempfile::tempdir().expect("temp dir");
+    let path = folder.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"[store]
+url = "mysql://nope"
+
+[probe]
+interval = "every now and then"
+failure_threshold = 0
+
+[platforms.makini]
+base_url = "not a url"
+probe = { path = "/v1/connection" }
+colour = "blue"
+
+[[connections]]
+id = "acme"
+platform = "nango"
+token = { file = "/nonexistent/acme.token" }
+contacts = ["it-at-acme.example"]
+
+[[connections]]
+id = "acme"
+platform = "makini"
+token = "tok_literal_in_file"
+"#,
+    )
+    .expect("write");
+    let (code, _, stderr) = connwatch(&["check-config", "--config", path.to_str().expect("utf-8")]);
+    assert_eq!(code, 2, "{stderr}");
+    for expected in [
+        "store.url (line 2)",
+        "probe.interval (line 5)",
+        "probe.failure_threshold (line 6)",
+        "platforms.makini.base_url (line 9)",
+        "platforms.makini.colour (line 11): unknown key",
+        "connections[0].platform (line 15)",
+        "connections[0].token (line 16): cannot read secret file /nonexistent/acme.token",
+        "connections[0].contacts[0]",
+        "connections[1].token (line 22): a literal secret is not allowed",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("tok_literal_in_file"),
+        "a literal secret is never echoed"
+    );
+}
+
+#[test]
+fn check_config_accepts_the_example_config() {
+    let credentials = tempfile::tempdir().expect("temp dir");
+    std::fs::write(credentials.path().join("acme-token"), "tok_example").expect("write");
+    let output = Command::new(BINARY)
+        .args(["check-config", "--config", "connwatch.example.toml"])
+        .env("CREDENTIALS_DIRECTORY", credentials.path())
+        .env("BUGFREE_TOKEN", "tok_example_2")
+        .output()
+        .expect("run");
+    let (code, stdout, stderr) = (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("config valid"), "{stdout}");
+}
+
+#[test]
+fn the_demo_tour_detects_the_credential_change_and_the_recovery() {
+    let started = Instant::now();
+    let (code, stdout, stderr) = connwatch(&["demo"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(stdout.contains("degraded -> needs_reauth"), "{stdout}");
+    assert!(
+        stdout.contains("error_code=AUTHENTICATION_FAILED"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("request_id=req_"), "{stdout}");
+    assert!(stdout.contains("needs_reauth -> healthy"), "{stdout}");
+    assert!(
+        !stdout.contains("tok_acme"),
+        "no token in the tour's output"
+    );
+}
+
+/// Starts `connwatch run`, collecting stderr; returns the child, the log and the admin address.
+fn spawn_daemon(config: &std::path::Path) -> (std::process::Child, Arc<Mutex<String>>, String) {
+    let mut child = Command::new(BINARY)
+        .args(["run", "--config", config.to_str().expect("utf-8")])
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (address_sender, address_receiver) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(position) = line.find("admin_addr=") {
+                let address: String = line[position + 11..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace())
+                    .collect();
+                let _ = address_sender.send(address);
+            }
+            let mut log = sink.lock().expect("log");
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let address = address_receiver
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("daemon did not start: {}", log.lock().expect("log")));
+    (child, log, address)
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let platform = FakePlatform::start().await.expect("platform");
+    let token = "tok_SUPERSECRET_9f8e7d6c";
+    let rotated = "tok_SUPERSECRET_rotated_1a2b";
+    platform.set(token, Behaviour::Healthy);
+    let connections = [Conn {
+        id: "acme",
+        platform: "makini",
+        token_file: token_file(db.path(), "acme", token),
+    }];
+    let config = db.path().join("connwatch.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            &db.url,
+            &[("makini", platform.base_url())],
+            &connections,
+            "",
+        ),
+    )
+    .expect("config");
+    let (mut child, log, address) = spawn_daemon(&config);
+    let client = reqwest::Client::new();
+    let base = format!("http://{address}");
+    let mut answers = String::new();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    platform.set(token, Behaviour::Revoked);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    platform.set(rotated, Behaviour::Healthy);
+    token_file(db.path(), "acme", rotated);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for path in [
+        "/metrics",
+        "/api/v1/connections",
+        "/api/v1/connections/acme",
+        "/readyz",
+    ] {
+        answers.push_str(
+            &client
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .expect("get")
+                .text()
+                .await
+                .expect("text"),
+        );
+    }
+    answers.push_str(
+        &client
+            .post(format!("{base}/api/v1/connections/acme/probe"))
+            .send()
+            .await
+            .expect("post")
+            .text()
+            .await
+            .expect("text"),
+    );
+    let config_arg = config.to_str().expect("utf-8");
+    for args in [
+        vec!["status", "--config", config_arg],
+        vec!["status", "--json", "--config", config_arg],
+        vec!["probe", "acme", "--config", config_arg],
+        vec!["check-config", "--config", config_arg],
+    ] {
+        let (_, stdout, stderr) = connwatch(&args);
+        answers.push_str(&stdout);
+        answers.push_str(&stderr);
+    }
+    assert!(
+        answers.contains("\"acme\""),
+        "the answers were captured: {answers}"
+    );
+    assert!(platform.requests(rotated) > 0, "the rotated token was used");
+    nix_kill(child.id(), "TERM");
+    let status = child.wait().expect("wait");
+    let log = strip_ansi(&log.lock().expect("log"));
+    assert!(
+        log.contains("health changed"),
+        "the log was captured: {log}"
+    );
+    for secret in [token, rotated] {
+        assert!(!log.contains(secret), "token in the log");
+        assert!(!answers.contains(secret), "token in an answer");
+    }
+    assert!(status.success(), "clean exit on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_and_exits_cleanly_while_a_probe_hangs() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let platform = FakePlatform::start().await.expect("platform");
+    platform.set("tok-hang", Behaviour::Hang);
+    let connections = [Conn {
+        id: "acme",
+        platform: "makini",
+        token_file: token_file(db.path(), "acme", "tok-hang"),
+    }];
+    let config = db.path().join("connwatch.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            &db.url,
+            &[("makini", platform.base_url())],
+            &connections,
+            "",
+        ),
+    )
+    .expect("config");
+    let (mut child, log, _) = spawn_daemon(&config);
+    common::eventually(Duration::from_secs(5), "a hanging probe", || async {
+        (platform.requests("tok-hang") > 0).then_some(())
+    })
+    .await;
+    let stopping = Instant::now();
+    nix_kill(child.id(), "TERM");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{}", log.lock().expect("log"));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "drained within the deadline"
+    );
+    let mut rest = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .map(|mut stderr| stderr.read_to_string(&mut rest));
+    assert!(strip_ansi(&log.lock().expect("log")).contains("stopped"));
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}

@@ -1,0 +1,340 @@
+//! The store test suite, run against a real SQLite file and the real PostgreSQL.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Kind, TestDb};
+use connwatch::classify::{Policy, classify};
+use connwatch::domain::{ConnectionId, Health, Outcome, ProbeReport};
+use connwatch::store::{ProbeRecord, Store, SyncConnection};
+
+const POLICY: Policy = Policy {
+    failure_threshold: 2,
+    unreachable_threshold: 3,
+    confirm_after: 1_000,
+    reauth_backoff: 60_000,
+};
+
+fn id(raw: &str) -> ConnectionId {
+    ConnectionId::parse(raw).expect("id")
+}
+
+fn sync(raw: &str, first_due: i64) -> SyncConnection {
+    SyncConnection {
+        id: id(raw),
+        name: format!("Customer {raw}"),
+        platform: "makini".into(),
+        remote_id: Some(format!("conn_{raw}")),
+        paused: false,
+        first_due,
+    }
+}
+
+fn report(outcome: Outcome) -> ProbeReport {
+    ProbeReport {
+        outcome,
+        status: Some(if outcome == Outcome::Ok { 200 } else { 401 }),
+        latency_ms: 12,
+        request_id: Some("req_1".into()),
+        error_code: (outcome == Outcome::AuthFailed).then(|| "AUTHENTICATION_FAILED".into()),
+        message: None,
+        retry_after_secs: None,
+    }
+}
+
+async fn open(db: &TestDb) -> Store {
+    let store = Store::connect(&db.url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Claims `raw` now, probes with `outcome`, records; returns the new health.
+async fn probe(store: &Store, raw: &str, outcome: Outcome, now: i64) -> Health {
+    let claim = store
+        .claim_one(&id(raw), now, "owner-a", now + 60_000)
+        .await
+        .expect("claim")
+        .expect("claimable");
+    let verdict = classify(&claim.state, &report(outcome), &POLICY, now, now + 300_000);
+    let health = verdict.state.health;
+    let applied = store
+        .record_probes(&[ProbeRecord {
+            id: claim.id,
+            at: now,
+            report: report(outcome),
+            verdict,
+            last_outcome: claim.last_outcome,
+            lease_owner: "owner-a".into(),
+        }])
+        .await
+        .expect("record");
+    assert_eq!(applied, 1);
+    health
+}
+
+async fn claim_due_leases_each_connection_to_one_claimer(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let connections: Vec<_> = (0..40).map(|n| sync(&format!("c{n}"), 1_000)).collect();
+    store.sync_connections(&connections, 0).await.expect("sync");
+    assert!(
+        store
+            .claim_due(999, 100, "early", 50_000)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let (first, second) = tokio::join!(
+        store.claim_due(2_000, 25, "owner-a", 60_000),
+        store.claim_due(2_000, 25, "owner-b", 60_000)
+    );
+    let (first, second) = (first.expect("claim a"), second.expect("claim b"));
+    assert_eq!(
+        first.len() + second.len(),
+        40,
+        "every due connection claimed once"
+    );
+    let ids: HashSet<_> = first
+        .iter()
+        .chain(&second)
+        .map(|claim| claim.id.clone())
+        .collect();
+    assert_eq!(ids.len(), 40, "no connection claimed twice");
+    assert!(
+        store
+            .claim_due(3_000, 100, "owner-c", 60_000)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let after_lease = store
+        .claim_due(61_000, 100, "owner-c", 120_000)
+        .await
+        .expect("claim");
+    assert_eq!(after_lease.len(), 40, "expired leases are taken over");
+}
+
+async fn credential_change_opens_and_recovery_closes_an_incident(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("acme", 0)], 0)
+        .await
+        .expect("sync");
+    assert_eq!(
+        probe(&store, "acme", Outcome::Ok, 1_000).await,
+        Health::Healthy
+    );
+    assert_eq!(
+        probe(&store, "acme", Outcome::AuthFailed, 2_000).await,
+        Health::Degraded
+    );
+    assert_eq!(
+        probe(&store, "acme", Outcome::AuthFailed, 3_000).await,
+        Health::NeedsReauth
+    );
+    let detail = store
+        .connection_detail(&id("acme"))
+        .await
+        .expect("read")
+        .expect("exists");
+    let incident = detail.summary.open_incident.expect("open incident");
+    assert_eq!(incident.kind, Health::NeedsReauth);
+    assert_eq!(
+        incident.first_failure_at, 2_000,
+        "the first failing time is kept"
+    );
+    assert_eq!(
+        incident.error_code.as_deref(),
+        Some("AUTHENTICATION_FAILED")
+    );
+    assert_eq!(incident.request_id.as_deref(), Some("req_1"));
+
+    assert_eq!(
+        probe(&store, "acme", Outcome::Ok, 4_000).await,
+        Health::Healthy
+    );
+    let detail = store
+        .connection_detail(&id("acme"))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert!(detail.summary.open_incident.is_none());
+    assert_eq!(detail.incidents.len(), 1);
+    assert_eq!(detail.incidents[0].closed_at, Some(4_000));
+    let path: Vec<(Health, Health)> = detail
+        .transitions
+        .iter()
+        .rev()
+        .map(|t| (t.from, t.to))
+        .collect();
+    assert_eq!(
+        path,
+        vec![
+            (Health::Unknown, Health::Healthy),
+            (Health::Healthy, Health::Degraded),
+            (Health::Degraded, Health::NeedsReauth),
+            (Health::NeedsReauth, Health::Healthy),
+        ]
+    );
+}
+
+async fn state_survives_reopening_the_database(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("acme", 0)], 0)
+        .await
+        .expect("sync");
+    probe(&store, "acme", Outcome::AuthFailed, 1_000).await;
+    probe(&store, "acme", Outcome::AuthFailed, 2_000).await;
+    store.close().await;
+    let reopened = open(&db).await;
+    let listed = reopened.list_connections().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].health, Health::NeedsReauth);
+    assert_eq!(
+        listed[0].last_error_code.as_deref(),
+        Some("AUTHENTICATION_FAILED")
+    );
+    let claim = reopened
+        .claim_one(&id("acme"), 3_000, "again", 9_000)
+        .await
+        .expect("claim")
+        .expect("claimable");
+    assert_eq!(claim.state.consecutive_auth_failures, 2, "counters survive");
+}
+
+async fn a_record_whose_lease_was_taken_over_is_dropped(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("acme", 0)], 0)
+        .await
+        .expect("sync");
+    let stale = store
+        .claim_due(1_000, 10, "slow", 2_000)
+        .await
+        .expect("claim")
+        .remove(0);
+    let _fresh = store
+        .claim_due(3_000, 10, "fast", 90_000)
+        .await
+        .expect("claim")
+        .remove(0);
+    let verdict = classify(&stale.state, &report(Outcome::Ok), &POLICY, 3_500, 300_000);
+    let applied = store
+        .record_probes(&[ProbeRecord {
+            id: stale.id.clone(),
+            at: 3_500,
+            report: report(Outcome::Ok),
+            verdict,
+            last_outcome: None,
+            lease_owner: "slow".into(),
+        }])
+        .await
+        .expect("record");
+    assert_eq!(applied, 0, "the slow owner's result must not count twice");
+}
+
+async fn sync_deactivates_removed_connections_and_counts_health(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("a", 0), sync("b", 0), sync("c", 0)], 0)
+        .await
+        .expect("sync");
+    probe(&store, "a", Outcome::Ok, 1_000).await;
+    let removed = store
+        .sync_connections(&[sync("a", 0), sync("b", 0)], 2_000)
+        .await
+        .expect("sync");
+    assert_eq!(removed, 1);
+    let counts = store.health_counts().await.expect("counts");
+    let count = |health: Health| counts.iter().find(|(h, _)| *h == health).map(|(_, n)| *n);
+    assert_eq!(count(Health::Healthy), Some(1));
+    assert_eq!(count(Health::Unknown), Some(1));
+    assert_eq!(count(Health::NeedsReauth), Some(0));
+    let mut paused = sync("b", 0);
+    paused.paused = true;
+    store
+        .sync_connections(&[sync("a", 0), paused], 3_000)
+        .await
+        .expect("sync");
+    let listed = store.list_connections().await.expect("list");
+    assert_eq!(
+        listed
+            .iter()
+            .find(|c| c.id.as_str() == "b")
+            .map(|c| c.health),
+        Some(Health::Paused)
+    );
+}
+
+async fn pruning_removes_only_old_probe_history(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("acme", 0)], 0)
+        .await
+        .expect("sync");
+    probe(&store, "acme", Outcome::AuthFailed, 1_000).await;
+    probe(&store, "acme", Outcome::AuthFailed, 5_000).await;
+    assert_eq!(store.prune_probe_results(2_000).await.expect("prune"), 1);
+    let detail = store
+        .connection_detail(&id("acme"))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(detail.probes.len(), 1);
+    assert_eq!(detail.transitions.len(), 2, "transitions are kept");
+}
+
+async fn steady_successes_do_not_grow_the_history(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("acme", 0)], 0)
+        .await
+        .expect("sync");
+    for step in 1..=10 {
+        probe(&store, "acme", Outcome::Ok, step * 1_000).await;
+    }
+    let detail = store
+        .connection_detail(&id("acme"))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        detail.probes.len(),
+        1,
+        "only the first success (a change) is a history row"
+    );
+    assert_eq!(
+        detail.summary.last_probe_at,
+        Some(10_000),
+        "the latest result is kept"
+    );
+}
+
+macro_rules! both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Kind::Sqlite).await; })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Kind::Postgres).await; })*
+        }
+    };
+}
+
+both_backends!(
+    claim_due_leases_each_connection_to_one_claimer,
+    credential_change_opens_and_recovery_closes_an_incident,
+    state_survives_reopening_the_database,
+    a_record_whose_lease_was_taken_over_is_dropped,
+    sync_deactivates_removed_connections_and_counts_health,
+    pruning_removes_only_old_probe_history,
+    steady_successes_do_not_grow_the_history,
+);
