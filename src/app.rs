@@ -16,10 +16,13 @@ use crate::config::secret::FileStamp;
 use crate::domain::ConnectionId;
 use crate::jobs::CronJobs;
 use crate::metrics::Metrics;
+use crate::poll::Poller;
 use crate::probe::Prober;
+use crate::relay::Relay;
 use crate::schedule::{Event, Roster, Scheduler};
 use crate::server::{AdminState, admin_router};
 use crate::store::{Store, SyncConnection, now_millis};
+use crate::webhook::{self, WebhookState};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -34,6 +37,8 @@ pub struct Hooks {
 pub struct Running {
     /// Where the admin listener is bound (port 0 in tests resolves here).
     pub admin_addr: SocketAddr,
+    /// Where the webhook listener is bound, when `[server] webhooks` is set.
+    pub webhook_addr: Option<SocketAddr>,
     pub store: Store,
     pub scheduler: Scheduler,
     pub metrics: Metrics,
@@ -72,6 +77,9 @@ pub async fn sync_connections(
             remote_id: connection.remote_id.clone(),
             paused: connection.paused,
             first_due: scheduler.first_due(&connection.id, now),
+            expected_webhook_ms: connection
+                .expected_webhook_interval
+                .map(crate::schedule::millis),
         })
         .collect();
     let deactivated = store
@@ -141,6 +149,56 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             tracing::error!(%error, "admin listener failed");
         }
     }));
+    let mut webhook_addr = None;
+    if let Some(address) = config.server.webhooks {
+        let state = WebhookState::new(
+            &config.platforms,
+            store.clone(),
+            metrics.clone(),
+            events.clone(),
+        )
+        .context("cannot load the webhook secrets")?;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on server.webhooks {address}"))?;
+        webhook_addr = Some(listener.local_addr()?);
+        let router = webhook::router(state, config.server.webhook_max_bytes);
+        let webhook_cancel = cancel.clone();
+        background.push(tokio::spawn(async move {
+            let serve = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { webhook_cancel.cancelled().await });
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "webhook listener failed");
+            }
+        }));
+    }
+    let probes = TaskTracker::new();
+    if config
+        .platforms
+        .values()
+        .any(|platform| platform.webhooks.is_some())
+    {
+        let poller = Poller {
+            store: store.clone(),
+            scheduler: scheduler.clone(),
+            prober: Prober::new(&config.platforms, &config.probe)?,
+            metrics: metrics.clone(),
+            settings: config.webhooks.clone(),
+            relay_enabled: config.relay.is_some(),
+            events: events.clone(),
+        };
+        background.push(tokio::spawn(poller.run(cancel.clone(), probes.clone())));
+    }
+    if let Some(relay) = &config.relay {
+        let relay = Relay::new(
+            store.clone(),
+            metrics.clone(),
+            relay.clone(),
+            scheduler.owner().to_owned(),
+        )
+        .context("cannot set up the relay ([relay])")?;
+        background.push(tokio::spawn(relay.run(cancel.clone())));
+    }
     background.push(tokio::spawn(refresh_health_gauges(
         store.clone(),
         metrics.clone(),
@@ -152,7 +210,6 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         config.probe.token_check_interval,
         cancel.clone(),
     )));
-    let probes = TaskTracker::new();
     let on_tick = hooks.on_tick.unwrap_or_else(|| Arc::new(|| {}));
     let scheduler_loop = tokio::spawn(scheduler.clone().run(
         cancel.clone(),
@@ -164,12 +221,14 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         metrics.clone(),
         &config.store.prune_schedule,
         config.store.retention,
+        config.webhooks.clone(),
     )
     .await
     .context("cannot start the pruning job (store.prune_schedule)")?;
     tracing::info!(%admin_addr, connections = config.connections.len(), "connwatch running");
     Ok(Running {
         admin_addr,
+        webhook_addr,
         store,
         scheduler,
         metrics,
@@ -234,6 +293,17 @@ async fn refresh_health_gauges(store: Store, metrics: Metrics, cancel: Cancellat
                     .with_label_values(&["health_counts"])
                     .inc();
                 tracing::warn!(%error, "cannot count connections per health");
+            }
+        }
+        match (store.quiet_count().await, store.relay_counts().await) {
+            (Ok(quiet), Ok((pending, dead))) => {
+                metrics.connections_quiet.set(quiet);
+                metrics.relay_outbox_pending.set(pending);
+                metrics.relay_outbox_dead.set(dead);
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                metrics.store_errors.with_label_values(&["gauges"]).inc();
+                tracing::warn!(%error, "cannot count quiet connections and relay messages");
             }
         }
         tokio::select! {

@@ -40,6 +40,13 @@ pub async fn status(config: &Config, json: bool, out: &mut impl Write) -> anyhow
         writeln!(out)?;
     } else {
         write_table(&connections, now_millis(), out)?;
+        let (pending, dead) = store.relay_counts().await?;
+        if pending > 0 || dead > 0 {
+            writeln!(
+                out,
+                "relay: {pending} recovered change(s) waiting, {dead} given up (see the log)"
+            )?;
+        }
     }
     store.close().await;
     Ok(())
@@ -53,8 +60,8 @@ pub fn write_table(
 ) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<24} {:<13} {:<22} {:<24} INCIDENT",
-        "ID", "HEALTH", "SINCE", "LAST PROBE"
+        "{:<24} {:<13} {:<10} {:<22} {:<16} INCIDENT",
+        "ID", "HEALTH", "SINCE", "LAST PROBE", "LAST WEBHOOK"
     )?;
     for connection in connections {
         let last_probe = match (connection.last_probe_at, connection.last_outcome) {
@@ -74,13 +81,20 @@ pub fn write_table(
             ),
             None => "-".to_owned(),
         };
+        let webhook = match (connection.last_webhook_at, connection.quiet) {
+            (Some(at), false) => ago(now, at),
+            (Some(at), true) => format!("{} QUIET", ago(now, at)),
+            (None, true) => "never QUIET".to_owned(),
+            (None, false) => "-".to_owned(),
+        };
         writeln!(
             out,
-            "{:<24} {:<13} {:<22} {:<24} {}",
+            "{:<24} {:<13} {:<10} {:<22} {:<16} {}",
             connection.id.as_str(),
             connection.health.as_str(),
             ago(now, connection.health_since),
             last_probe,
+            webhook,
             incident
         )?;
     }

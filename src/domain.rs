@@ -218,6 +218,10 @@ pub enum Cause {
     Webhook,
     /// An operator (pause, resume).
     Operator,
+    /// No webhook within the expected interval + grace.
+    Quiet,
+    /// A webhook arrived for a quiet connection.
+    WebhooksResumed,
 }
 
 impl Cause {
@@ -226,6 +230,8 @@ impl Cause {
             Cause::Probe => "probe",
             Cause::Webhook => "webhook",
             Cause::Operator => "operator",
+            Cause::Quiet => "quiet",
+            Cause::WebhooksResumed => "webhooks_resumed",
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
+use crate::config::WebhooksConfig;
 use crate::metrics::Metrics;
 use crate::store::{Store, now_millis};
 
@@ -25,6 +26,7 @@ impl CronJobs {
         metrics: Metrics,
         prune_schedule: &str,
         retention: Duration,
+        webhooks: WebhooksConfig,
     ) -> Result<CronJobs, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let mut jobs = CronJobs {
@@ -34,10 +36,22 @@ impl CronJobs {
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
         jobs.add("prune", prune_schedule, metrics, move || {
             let store = store.clone();
+            let webhooks = webhooks.clone();
             async move {
                 match store.prune_probe_results(now_millis() - retention_ms).await {
                     Ok(deleted) => tracing::info!(deleted, "pruned probe history"),
                     Err(error) => tracing::error!(%error, "pruning failed; next run retries"),
+                }
+                let webhook_retention = crate::schedule::millis(webhooks.retention);
+                let overlap = crate::schedule::millis(webhooks.overlap);
+                match store
+                    .prune_webhooks(now_millis() - webhook_retention, overlap)
+                    .await
+                {
+                    Ok(deleted) => tracing::info!(deleted, "pruned webhook ids"),
+                    Err(error) => {
+                        tracing::error!(%error, "webhook pruning failed; next run retries")
+                    }
                 }
             }
         })

@@ -30,6 +30,42 @@ pub struct Metrics {
     pub jobs_skipped: IntCounterVec,
     /// `connwatch_job_last_run_timestamp_seconds{job}`.
     pub job_last_run: GaugeVec,
+    /// `connwatch_webhooks_received_total{platform,result}`.
+    pub webhooks_received: IntCounterVec,
+    /// `connwatch_connections_quiet`.
+    pub connections_quiet: IntGauge,
+    /// `connwatch_polls_total{platform,result}`.
+    pub polls: IntCounterVec,
+    /// `connwatch_changes_recovered_total{platform}`.
+    pub changes_recovered: IntCounterVec,
+    /// `connwatch_relay_total{result}`.
+    pub relay: IntCounterVec,
+    /// `connwatch_relay_outbox_pending`.
+    pub relay_outbox_pending: IntGauge,
+    /// `connwatch_relay_outbox_dead`.
+    pub relay_outbox_dead: IntGauge,
+}
+
+/// Results of `connwatch_webhooks_received_total`.
+pub const WEBHOOK_RESULTS: [&str; 6] = [
+    "accepted",
+    "duplicate",
+    "bad_signature",
+    "malformed",
+    "too_large",
+    "unknown_connection",
+];
+/// Results of `connwatch_polls_total`.
+pub const POLL_RESULTS: [&str; 4] = ["ok", "auth_failed", "rate_limited", "error"];
+/// Results of `connwatch_relay_total`.
+pub const RELAY_RESULTS: [&str; 3] = ["sent", "failed", "dead"];
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
 }
 
 impl Metrics {
@@ -107,6 +143,41 @@ impl Metrics {
         )
         .expect("valid metric");
         build_info.with_label_values(&[version]).set(1);
+        let webhooks_received = counter(
+            "connwatch_webhooks_received_total",
+            "Webhook deliveries by platform and result.",
+            &["platform", "result"],
+        );
+        let connections_quiet = gauge(
+            "connwatch_connections_quiet",
+            "Connections with no webhook within their expected interval + grace.",
+        );
+        let polls = counter(
+            "connwatch_polls_total",
+            "Polls of the recent-changes endpoint for quiet connections, by result.",
+            &["platform", "result"],
+        );
+        let changes_recovered = counter(
+            "connwatch_changes_recovered_total",
+            "Changes found by polling that no webhook delivered.",
+            &["platform"],
+        );
+        let relay = counter(
+            "connwatch_relay_total",
+            "Attempts to hand recovered changes on to the relay endpoint, by result.",
+            &["result"],
+        );
+        for result in RELAY_RESULTS {
+            relay.with_label_values(&[result]);
+        }
+        let relay_outbox_pending = gauge(
+            "connwatch_relay_outbox_pending",
+            "Recovered changes waiting to be relayed.",
+        );
+        let relay_outbox_dead = gauge(
+            "connwatch_relay_outbox_dead",
+            "Recovered changes given up on after the last relay attempt.",
+        );
 
         for collector in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -119,6 +190,13 @@ impl Metrics {
             Box::new(jobs_skipped.clone()),
             Box::new(job_last_run.clone()),
             Box::new(build_info),
+            Box::new(webhooks_received.clone()),
+            Box::new(connections_quiet.clone()),
+            Box::new(polls.clone()),
+            Box::new(changes_recovered.clone()),
+            Box::new(relay.clone()),
+            Box::new(relay_outbox_pending.clone()),
+            Box::new(relay_outbox_dead.clone()),
         ] {
             registry.register(collector).expect("unique metric");
         }
@@ -142,6 +220,13 @@ impl Metrics {
             store_errors,
             jobs_skipped,
             job_last_run,
+            webhooks_received,
+            connections_quiet,
+            polls,
+            changes_recovered,
+            relay,
+            relay_outbox_pending,
+            relay_outbox_dead,
         }
     }
 
@@ -151,6 +236,20 @@ impl Metrics {
             self.probes.with_label_values(&[platform, outcome.as_str()]);
         }
         self.probe_duration.with_label_values(&[platform]);
+    }
+
+    /// Creates the webhook and polling series of a platform at zero.
+    pub fn declare_webhook_platform(&self, platform: &str, polls: bool) {
+        for result in WEBHOOK_RESULTS {
+            self.webhooks_received
+                .with_label_values(&[platform, result]);
+        }
+        if polls {
+            for result in POLL_RESULTS {
+                self.polls.with_label_values(&[platform, result]);
+            }
+            self.changes_recovered.with_label_values(&[platform]);
+        }
     }
 
     /// The Prometheus text format (0.0.4).

@@ -81,8 +81,48 @@ impl Prober {
     /// Probes once with `token`. Waits for a slot under the platform's concurrency cap
     /// (other platforms are never held up by this one).
     pub async fn probe(&self, platform: &str, token: &SecretString) -> ProbeReport {
-        let Some(platform) = self.platforms.get(platform) else {
+        let Some(client) = self.platforms.get(platform) else {
             return failure(Outcome::ClientError, 0, "platform not configured".into());
+        };
+        let config = &client.config;
+        let url = format!("{}{}", config.base_url, config.probe_path);
+        match self
+            .request(
+                platform,
+                config.probe_method.clone(),
+                &url,
+                token,
+                BODY_LIMIT,
+            )
+            .await
+        {
+            Ok(answer) => read_answer(
+                config,
+                answer.status,
+                &answer.headers,
+                &answer.body,
+                answer.latency_ms,
+            ),
+            Err(report) => report,
+        }
+    }
+
+    /// One authenticated request to a platform (probe or poll), under its concurrency cap.
+    /// A transport failure comes back as the report to record.
+    pub async fn request(
+        &self,
+        platform: &str,
+        method: reqwest::Method,
+        url: &str,
+        token: &SecretString,
+        body_limit: usize,
+    ) -> Result<Answer, ProbeReport> {
+        let Some(platform) = self.platforms.get(platform) else {
+            return Err(failure(
+                Outcome::ClientError,
+                0,
+                "platform not configured".into(),
+            ));
         };
         let _permit = platform.permits.acquire().await.ok();
         let config = &platform.config;
@@ -93,34 +133,55 @@ impl Prober {
         }
         .unwrap_or_else(|_| HeaderValue::from_static("invalid-token"));
         authorization.set_sensitive(true);
-        let url = format!("{}{}", config.base_url, config.probe_path);
         let started = Instant::now();
         let sent = platform
             .client
-            .request(config.probe_method.clone(), &url)
+            .request(method, url)
             .header(config.auth_header.as_str(), authorization)
             .send()
             .await;
         let response = match sent {
             Ok(response) => response,
-            Err(error) => return transport_failure(&error, elapsed_ms(started)),
+            Err(error) => return Err(transport_failure(&error, elapsed_ms(started))),
         };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = match read_bounded(response).await {
+        let body = match read_bounded(response, body_limit).await {
             Ok(body) => body,
-            Err(error) => return transport_failure(&error, elapsed_ms(started)),
+            Err(error) => return Err(transport_failure(&error, elapsed_ms(started))),
         };
-        read_answer(config, status, &headers, &body, elapsed_ms(started))
+        Ok(Answer {
+            status,
+            headers,
+            body,
+            latency_ms: elapsed_ms(started),
+        })
+    }
+
+    /// The platform's settings, if configured.
+    pub fn platform(&self, name: &str) -> Option<Arc<PlatformConfig>> {
+        self.platforms.get(name).map(|client| client.config.clone())
     }
 }
 
-async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+/// A complete HTTP answer from a platform.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    pub latency_ms: i64,
+}
+
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
-        let room = BODY_LIMIT.saturating_sub(body.len());
+        let room = limit.saturating_sub(body.len());
         body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= BODY_LIMIT {
+        if body.len() >= limit {
             break;
         }
     }
@@ -131,7 +192,7 @@ fn elapsed_ms(started: Instant) -> i64 {
     i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX)
 }
 
-fn failure(outcome: Outcome, latency_ms: i64, message: String) -> ProbeReport {
+pub fn failure(outcome: Outcome, latency_ms: i64, message: String) -> ProbeReport {
     ProbeReport {
         outcome,
         status: None,

@@ -41,6 +41,10 @@ pub enum Event {
         name: String,
         transition: Transition,
     },
+    /// A webhook said the connection needs reauthorization.
+    WebhookReauth { id: ConnectionId },
+    /// A poll found changes no webhook delivered.
+    Recovered { id: ConnectionId, changes: usize },
 }
 
 /// The configured connections, swapped whole on reload.
@@ -329,23 +333,59 @@ impl Scheduler {
 
     /// Probes one connection now, stores the result and returns it (API, CLI).
     pub async fn probe_now(&self, id: &ConnectionId) -> Result<ProbeRecord, ProbeNowError> {
-        let now = now_millis();
-        let claim = self
-            .store
-            .claim_one(id, now, &self.owner, self.lease_until(now))
-            .await?;
-        let Some(claim) = claim else {
-            return Err(match self.store.connection_detail(id).await? {
-                Some(_) => ProbeNowError::Busy(id.to_string()),
-                None => ProbeNowError::Unknown(id.to_string()),
-            });
-        };
+        let claim = self.claim_now(id).await?;
         let record = self.probe_claimed(claim).await;
         self.store
             .record_probes(std::slice::from_ref(&record))
             .await?;
         self.observe(&record);
         Ok(record)
+    }
+
+    /// Applies an outcome observed elsewhere (an auth failure while polling) as if a probe
+    /// had seen it: classified and stored like one.
+    pub async fn apply_report(
+        &self,
+        id: &ConnectionId,
+        report: ProbeReport,
+    ) -> Result<ProbeRecord, ProbeNowError> {
+        let claim = self.claim_now(id).await?;
+        let now = now_millis();
+        let regular_due = next_slot(&claim.id, now, millis(self.settings.interval));
+        let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
+        let record = ProbeRecord {
+            id: claim.id,
+            at: now,
+            report,
+            verdict,
+            last_outcome: claim.last_outcome,
+            lease_owner: self.owner.to_string(),
+        };
+        self.store
+            .record_probes(std::slice::from_ref(&record))
+            .await?;
+        self.observe(&record);
+        Ok(record)
+    }
+
+    async fn claim_now(&self, id: &ConnectionId) -> Result<Claimed, ProbeNowError> {
+        let now = now_millis();
+        let claim = self
+            .store
+            .claim_one(id, now, &self.owner, self.lease_until(now))
+            .await?;
+        match claim {
+            Some(claim) => Ok(claim),
+            None => Err(match self.store.connection_detail(id).await? {
+                Some(_) => ProbeNowError::Busy(id.to_string()),
+                None => ProbeNowError::Unknown(id.to_string()),
+            }),
+        }
+    }
+
+    /// This process's lease owner name.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 }
 

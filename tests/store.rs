@@ -28,6 +28,7 @@ fn sync(raw: &str, first_due: i64) -> SyncConnection {
         remote_id: Some(format!("conn_{raw}")),
         paused: false,
         first_due,
+        expected_webhook_ms: Some(60_000),
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Config {
     pub platforms: BTreeMap<String, PlatformConfig>,
     pub connections: Vec<ConnectionConfig>,
     pub log: LogConfig,
+    pub webhooks: WebhooksConfig,
+    pub relay: Option<RelayConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +49,71 @@ pub struct ServerConfig {
     pub admin: SocketAddr,
     /// Bearer token for the admin listener; required unless it is bound to loopback.
     pub admin_token: Option<SecretRef>,
+    /// Public webhook listener; none when unset.
+    pub webhooks: Option<SocketAddr>,
+    /// Largest webhook body accepted (413 above).
+    pub webhook_max_bytes: usize,
+}
+
+/// Quiet detection and polling (`[webhooks]`).
+#[derive(Debug, Clone)]
+pub struct WebhooksConfig {
+    /// Default expected time between webhooks of one connection.
+    pub expected_interval: Duration,
+    pub grace: Duration,
+    /// Time between polls of a quiet connection.
+    pub poll_interval: Duration,
+    /// How far before the watermark a poll starts (clock skew).
+    pub overlap: Duration,
+    /// How long webhook ids are kept for de-duplication (at least 48 h).
+    pub retention: Duration,
+}
+
+/// How a platform signs its webhooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureScheme {
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<b64>`.
+    Standard,
+    /// Hex HMAC-SHA256 of the raw body in one header (Nango, Merge style).
+    HexHmac { header: String },
+}
+
+/// Webhook profile of a platform (`[platforms.NAME.webhooks]`).
+#[derive(Debug, Clone)]
+pub struct PlatformWebhooks {
+    pub secrets: Vec<SecretRef>,
+    pub scheme: SignatureScheme,
+    /// Header carrying a delivery id for the hex scheme (else a body hash is used).
+    pub id_header: Option<String>,
+    pub connection_pointer: String,
+    pub type_pointer: Option<String>,
+    pub reauth_types: Vec<String>,
+    pub reconnect_types: Vec<String>,
+    pub change_id_pointer: Option<String>,
+    pub change_updated_pointer: Option<String>,
+}
+
+/// Recent-changes endpoint of a platform (`[platforms.NAME.changes]`).
+#[derive(Debug, Clone)]
+pub struct ChangesConfig {
+    pub path: String,
+    pub since_param: String,
+    pub items_pointer: String,
+    pub next_pointer: String,
+    pub cursor_param: String,
+    pub id_pointer: String,
+    pub updated_pointer: String,
+    /// Safety stop for a platform whose pagination never ends.
+    pub max_pages: u32,
+}
+
+/// Where recovered changes are handed on (`[relay]`).
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub url: String,
+    pub secret: SecretRef,
+    pub timeout: Duration,
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +148,8 @@ pub struct PlatformConfig {
     pub request_id_header: Option<String>,
     /// At most this many probes in flight against this platform.
     pub concurrency: u32,
+    pub webhooks: Option<PlatformWebhooks>,
+    pub changes: Option<ChangesConfig>,
 }
 
 /// One customer connection.
@@ -94,6 +163,8 @@ pub struct ConnectionConfig {
     pub contacts: Vec<EmailAddress>,
     pub reconnect_url: Option<String>,
     pub paused: bool,
+    /// Expected time between webhooks; `None` when its platform sends none.
+    pub expected_webhook_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,6 +16,54 @@ pub struct RawStore {
 pub struct RawServer {
     pub admin: Option<String>,
     pub admin_token: Option<SecretRef>,
+    pub webhooks: Option<String>,
+    pub webhook_max_bytes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawPlatformWebhooks {
+    #[serde(default)]
+    pub secrets: Vec<SecretRef>,
+    pub scheme: Option<String>,
+    pub signature_header: Option<String>,
+    pub id_header: Option<String>,
+    pub connection_pointer: String,
+    pub type_pointer: Option<String>,
+    #[serde(default)]
+    pub reauth_types: Vec<String>,
+    #[serde(default)]
+    pub reconnect_types: Vec<String>,
+    pub change_id_pointer: Option<String>,
+    pub change_updated_pointer: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawChanges {
+    pub path: String,
+    pub since_param: Option<String>,
+    pub items_pointer: Option<String>,
+    pub next_pointer: Option<String>,
+    pub cursor_param: Option<String>,
+    pub id_pointer: Option<String>,
+    pub updated_pointer: Option<String>,
+    pub max_pages: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawWebhooks {
+    pub expected_interval: Option<String>,
+    pub grace: Option<String>,
+    pub poll_interval: Option<String>,
+    pub overlap: Option<String>,
+    pub retention: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawRelay {
+    pub url: String,
+    pub secret: SecretRef,
+    pub timeout: Option<String>,
+    pub max_attempts: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +106,8 @@ pub struct RawPlatform {
     pub auth_failure_codes: Vec<String>,
     pub request_id_header: Option<String>,
     pub concurrency: Option<u32>,
+    pub webhooks: Option<RawPlatformWebhooks>,
+    pub changes: Option<RawChanges>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +122,7 @@ pub struct RawConnection {
     pub reconnect_url: Option<String>,
     #[serde(default)]
     pub paused: bool,
+    pub expected_webhook_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,4 +139,6 @@ pub const SECTIONS: &[&str] = &[
     "platforms",
     "connections",
     "log",
+    "webhooks",
+    "relay",
 ];

@@ -8,12 +8,17 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::raw::{RawConnection, RawLog, RawPlatform, RawProbe, RawServer, RawStore, SECTIONS};
+use super::raw::{
+    RawChanges, RawConnection, RawLog, RawPlatform, RawPlatformWebhooks, RawProbe, RawRelay,
+    RawServer, RawStore, RawWebhooks, SECTIONS,
+};
 use super::{
-    Config, ConnectionConfig, LogConfig, LogFormat, PlatformConfig, ProbeConfig, Problem,
-    SecretRef, ServerConfig, StoreConfig,
+    ChangesConfig, Config, ConnectionConfig, LogConfig, LogFormat, PlatformConfig,
+    PlatformWebhooks, ProbeConfig, Problem, RelayConfig, SecretRef, ServerConfig, SignatureScheme,
+    StoreConfig, WebhooksConfig,
 };
 use crate::domain::{ConnectionId, EmailAddress};
+use crate::webhook::verify::decode_standard_secret;
 
 /// One step of a key path.
 #[derive(Debug, Clone)]
@@ -214,6 +219,18 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         Some(value) => checker.section(value, &[key("log")]).unwrap_or_default(),
         None => RawLog::default(),
     };
+    let raw_webhooks: RawWebhooks = match take("webhooks") {
+        Some(value) => checker
+            .section(value, &[key("webhooks")])
+            .unwrap_or_default(),
+        None => RawWebhooks::default(),
+    };
+    let raw_relay: Option<RawRelay> = match take("relay") {
+        Some(value) => checker.section(value, &[key("relay")]),
+        None => None,
+    };
+    let webhooks = webhooks(&mut checker, raw_webhooks);
+    let relay = raw_relay.and_then(|raw| relay(&mut checker, raw));
     let store = store(&mut checker, raw_store);
     let server = server(&mut checker, raw_server);
     let probe = probe(&mut checker, raw_probe);
@@ -251,7 +268,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
                 let Some(raw) = checker.section::<RawConnection>(value, &path) else {
                     continue;
                 };
-                let Some(connection) = connection(&mut checker, &path, raw, &platforms) else {
+                let Some(connection) = connection(&mut checker, &path, raw, &platforms, &webhooks)
+                else {
                     continue;
                 };
                 if !seen.insert(connection.id.clone()) {
@@ -276,6 +294,8 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             platforms,
             connections,
             log,
+            webhooks,
+            relay,
         })
     } else {
         Err(checker.problems)
@@ -342,9 +362,201 @@ fn server(checker: &mut Checker, raw: RawServer) -> ServerConfig {
         ),
         None => {}
     }
+    let webhooks = raw
+        .webhooks
+        .and_then(|text| match text.parse::<SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                checker.problem(
+                    &[key("server"), key("webhooks")],
+                    format!("{text:?} is not an address like \"0.0.0.0:8080\""),
+                );
+                None
+            }
+        });
+    let webhook_max_bytes = checker.positive(
+        &[key("server"), key("webhook_max_bytes")],
+        raw.webhook_max_bytes,
+        256 * 1024,
+    ) as usize;
     ServerConfig {
         admin,
         admin_token: raw.admin_token,
+        webhooks,
+        webhook_max_bytes,
+    }
+}
+
+fn webhooks(checker: &mut Checker, raw: RawWebhooks) -> WebhooksConfig {
+    let path = |name: &str| [key("webhooks"), key(name)];
+    let expected_interval = checker.duration(
+        &path("expected_interval"),
+        raw.expected_interval.as_deref(),
+        "1h",
+    );
+    let grace = checker.duration(&path("grace"), raw.grace.as_deref(), "15m");
+    let poll_interval =
+        checker.duration(&path("poll_interval"), raw.poll_interval.as_deref(), "5m");
+    let overlap = checker.duration(&path("overlap"), raw.overlap.as_deref(), "5m");
+    let retention = checker.duration(&path("retention"), raw.retention.as_deref(), "48h");
+    if retention < Duration::from_secs(48 * 3600) {
+        checker.problem(
+            &path("retention"),
+            "must be at least 48h: longer than the platform's retry window, or duplicates pass",
+        );
+    }
+    WebhooksConfig {
+        expected_interval,
+        grace,
+        poll_interval,
+        overlap,
+        retention,
+    }
+}
+
+fn relay(checker: &mut Checker, raw: RawRelay) -> Option<RelayConfig> {
+    let before = checker.problems.len();
+    if reqwest::Url::parse(&raw.url)
+        .map(|url| !matches!(url.scheme(), "http" | "https"))
+        .unwrap_or(true)
+    {
+        checker.problem(
+            &[key("relay"), key("url")],
+            format!("{:?} is not an http(s) URL", raw.url),
+        );
+    }
+    match raw.secret.read() {
+        Ok(secret) => {
+            if let Err(message) =
+                decode_standard_secret(secrecy::ExposeSecret::expose_secret(&secret))
+            {
+                checker.problem(&[key("relay"), key("secret")], message);
+            }
+        }
+        Err(error) => checker.problem(&[key("relay"), key("secret")], error.to_string()),
+    }
+    let timeout = checker.duration(
+        &[key("relay"), key("timeout")],
+        raw.timeout.as_deref(),
+        "10s",
+    );
+    let max_attempts = checker.positive(&[key("relay"), key("max_attempts")], raw.max_attempts, 20);
+    (checker.problems.len() == before).then_some(RelayConfig {
+        url: raw.url,
+        secret: raw.secret,
+        timeout,
+        max_attempts,
+    })
+}
+
+fn platform_webhooks(
+    checker: &mut Checker,
+    path: &[Segment],
+    raw: RawPlatformWebhooks,
+) -> PlatformWebhooks {
+    let at = |leaf: &str| {
+        let mut full = path.to_vec();
+        full.push(key(leaf));
+        full
+    };
+    let scheme = match raw.scheme.as_deref() {
+        None | Some("standard") => SignatureScheme::Standard,
+        Some("hmac-sha256-hex") => match raw.signature_header {
+            Some(header) => SignatureScheme::HexHmac { header },
+            None => {
+                checker.problem(
+                    &at("signature_header"),
+                    "required with scheme \"hmac-sha256-hex\"",
+                );
+                SignatureScheme::Standard
+            }
+        },
+        Some(other) => {
+            checker.problem(
+                &at("scheme"),
+                format!("{other:?} is not a scheme; use \"standard\" or \"hmac-sha256-hex\""),
+            );
+            SignatureScheme::Standard
+        }
+    };
+    if raw.secrets.is_empty() {
+        checker.problem(&at("secrets"), "at least one secret is required");
+    }
+    for (index, secret) in raw.secrets.iter().enumerate() {
+        let mut secret_path = at("secrets");
+        secret_path.push(Segment::Index(index));
+        match secret.read() {
+            Ok(value) => {
+                let value = secrecy::ExposeSecret::expose_secret(&value);
+                let check = match scheme {
+                    SignatureScheme::Standard => decode_standard_secret(value).map(|_| ()),
+                    SignatureScheme::HexHmac { .. } if value.len() < 16 => {
+                        Err("a signing secret must be at least 16 characters".to_owned())
+                    }
+                    SignatureScheme::HexHmac { .. } => Ok(()),
+                };
+                if let Err(message) = check {
+                    checker.problem(&secret_path, message);
+                }
+            }
+            Err(error) => checker.problem(&secret_path, error.to_string()),
+        }
+    }
+    let connection_pointer = json_pointer(
+        checker,
+        &at("connection_pointer"),
+        Some(raw.connection_pointer),
+    )
+    .unwrap_or_default();
+    PlatformWebhooks {
+        secrets: raw.secrets,
+        scheme,
+        id_header: raw.id_header,
+        connection_pointer,
+        type_pointer: json_pointer(checker, &at("type_pointer"), raw.type_pointer),
+        reauth_types: raw.reauth_types,
+        reconnect_types: raw.reconnect_types,
+        change_id_pointer: json_pointer(checker, &at("change_id_pointer"), raw.change_id_pointer),
+        change_updated_pointer: json_pointer(
+            checker,
+            &at("change_updated_pointer"),
+            raw.change_updated_pointer,
+        ),
+    }
+}
+
+fn changes(checker: &mut Checker, path: &[Segment], raw: RawChanges) -> ChangesConfig {
+    let at = |leaf: &str| {
+        let mut full = path.to_vec();
+        full.push(key(leaf));
+        full
+    };
+    if !raw.path.starts_with('/') {
+        checker.problem(&at("path"), "must start with '/'");
+    }
+    let mut pointer = |name: &str, raw: Option<String>, default: &str| {
+        json_pointer(
+            checker,
+            &at(name),
+            Some(raw.unwrap_or_else(|| default.to_owned())),
+        )
+        .unwrap_or_default()
+    };
+    let items_pointer = pointer("items_pointer", raw.items_pointer, "/data");
+    let next_pointer = pointer("next_pointer", raw.next_pointer, "/next");
+    let id_pointer = pointer("id_pointer", raw.id_pointer, "/id");
+    let updated_pointer = pointer("updated_pointer", raw.updated_pointer, "/updated_at");
+    ChangesConfig {
+        path: raw.path,
+        since_param: raw
+            .since_param
+            .unwrap_or_else(|| "modified_after".to_owned()),
+        items_pointer,
+        next_pointer,
+        cursor_param: raw.cursor_param.unwrap_or_else(|| "cursor".to_owned()),
+        id_pointer,
+        updated_pointer,
+        max_pages: checker.positive(&at("max_pages"), raw.max_pages, 1000),
     }
 }
 
@@ -484,6 +696,12 @@ fn platform(
             .or_else(|| Some("/error/message".to_owned())),
     );
     let concurrency = checker.positive(&at("concurrency"), raw.concurrency, default_concurrency);
+    let webhooks = raw
+        .webhooks
+        .map(|webhooks| platform_webhooks(checker, &at("webhooks"), webhooks));
+    let changes = raw
+        .changes
+        .map(|changes| self::changes(checker, &at("changes"), changes));
     (checker.problems.len() == before).then(|| PlatformConfig {
         name: name.to_owned(),
         base_url: raw.base_url.trim_end_matches('/').to_owned(),
@@ -499,6 +717,8 @@ fn platform(
         auth_failure_codes: raw.auth_failure_codes,
         request_id_header: raw.request_id_header,
         concurrency,
+        webhooks,
+        changes,
     })
 }
 
@@ -507,6 +727,7 @@ fn connection(
     path: &[Segment],
     raw: RawConnection,
     platforms: &BTreeMap<String, PlatformConfig>,
+    webhooks: &WebhooksConfig,
 ) -> Option<ConnectionConfig> {
     let at = |leaf: &str| {
         let mut full = path.to_vec();
@@ -551,6 +772,26 @@ fn connection(
         checker.problem(&at("reconnect_url"), format!("{url:?} is not a URL"));
     }
     checker.secret_readable(&at("token"), &raw.token);
+    let platform_has_webhooks = platforms
+        .get(&raw.platform)
+        .is_some_and(|platform| platform.webhooks.is_some());
+    let expected_webhook_interval = match (&raw.expected_webhook_interval, platform_has_webhooks) {
+        (Some(text), true) => {
+            Some(checker.duration(&at("expected_webhook_interval"), Some(text), "1h"))
+        }
+        (None, true) => Some(webhooks.expected_interval),
+        (Some(_), false) => {
+            checker.problem(
+                &at("expected_webhook_interval"),
+                format!(
+                    "platform {:?} has no [platforms.{}.webhooks] section",
+                    raw.platform, raw.platform
+                ),
+            );
+            None
+        }
+        (None, false) => None,
+    };
     let id = id?;
     (checker.problems.len() == before).then(|| ConnectionConfig {
         name: raw.name.unwrap_or_else(|| id.to_string()),
@@ -561,6 +802,7 @@ fn connection(
         contacts,
         reconnect_url: raw.reconnect_url,
         paused: raw.paused,
+        expected_webhook_interval,
     })
 }
 

@@ -180,7 +180,8 @@ async fn wait_for(
                     seen += 1;
                 }
             }
-            Ok(Event::Probed { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Ok(Event::Probed { .. } | Event::WebhookReauth { .. } | Event::Recovered { .. })
+            | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => anyhow::bail!("the daemon stopped"),
         }
     }

@@ -6,6 +6,7 @@
 
 mod probes;
 mod read;
+mod webhooks;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use sqlx::{AnyPool, Executor, Transaction};
 
 pub use probes::{Claimed, ProbeRecord, SyncConnection};
 pub use read::{ConnectionDetail, ConnectionSummary, IncidentRow, ProbeRow, TransitionRow};
+pub use webhooks::{PollClaim, PolledChange, RelayMessage, WebhookDelivery, WebhookStored};
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,6 +17,8 @@ pub struct SyncConnection {
     pub paused: bool,
     /// First due time for a connection the store has not seen yet.
     pub first_due: Millis,
+    /// Expected time between webhooks; `None` when its platform sends none.
+    pub expected_webhook_ms: Option<Millis>,
 }
 
 /// A connection claimed for probing, with the state classification needs.
@@ -75,8 +77,8 @@ impl Store {
                 None => {
                     sqlx::query(
                         "INSERT INTO connections (id, name, platform, remote_id, active, \
-                         config_generation, paused, health, health_since, next_due) \
-                         VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9)",
+                         config_generation, paused, health, health_since, next_due, created_at, \
+                         expected_webhook_ms) VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $8, $10)",
                     )
                     .bind(connection.id.as_str())
                     .bind(&connection.name)
@@ -87,13 +89,15 @@ impl Store {
                     .bind(initial_health)
                     .bind(now)
                     .bind(connection.first_due)
+                    .bind(connection.expected_webhook_ms)
                     .execute(&mut *transaction)
                     .await?;
                 }
                 Some((health, was_paused)) => {
                     sqlx::query(
                         "UPDATE connections SET name = $2, platform = $3, remote_id = $4, \
-                         active = 1, config_generation = $5, paused = $6 WHERE id = $1",
+                         active = 1, config_generation = $5, paused = $6, expected_webhook_ms = $7 \
+                         WHERE id = $1",
                     )
                     .bind(connection.id.as_str())
                     .bind(&connection.name)
@@ -101,6 +105,7 @@ impl Store {
                     .bind(connection.remote_id.as_deref())
                     .bind(generation)
                     .bind(paused)
+                    .bind(connection.expected_webhook_ms)
                     .execute(&mut *transaction)
                     .await?;
                     if (was_paused != 0) != connection.paused {
@@ -276,7 +281,7 @@ impl Store {
 }
 
 /// Stores a transition and opens or closes the incident it implies.
-async fn apply_transition(
+pub(super) async fn apply_transition(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     id: &ConnectionId,
     transition: &Transition,

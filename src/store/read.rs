@@ -29,6 +29,18 @@ pub struct ConnectionSummary {
     pub last_error_code: Option<String>,
     pub last_message: Option<String>,
     pub open_incident: Option<IncidentRow>,
+    #[serde(serialize_with = "wire::optional_time")]
+    pub last_webhook_at: Option<Millis>,
+    /// No webhook within the expected interval + grace: polled for changes.
+    pub quiet: bool,
+    #[serde(serialize_with = "wire::optional_time")]
+    pub quiet_since: Option<Millis>,
+    /// Changes up to this time are known (from webhooks or polling).
+    #[serde(serialize_with = "wire::optional_time")]
+    pub watermark: Option<Millis>,
+    #[serde(serialize_with = "wire::optional_time")]
+    pub last_poll_at: Option<Millis>,
+    pub last_poll_result: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,7 +95,8 @@ pub struct ConnectionDetail {
 
 const SUMMARY_COLUMNS: &str = "c.id, c.name, c.platform, c.remote_id, c.health, c.health_since, \
      c.next_due, c.last_probe_at, c.last_outcome, c.last_status, c.last_latency_ms, \
-     c.last_request_id, c.last_error_code, c.last_message, i.id AS incident_id, \
+     c.last_request_id, c.last_error_code, c.last_message, c.last_webhook_at, c.quiet, \
+     c.quiet_since, c.watermark, c.last_poll_at, c.last_poll_result, i.id AS incident_id, \
      i.kind AS incident_kind, i.opened_at AS incident_opened_at, \
      i.first_failure_at AS incident_first_failure_at, i.error_code AS incident_error_code, \
      i.request_id AS incident_request_id";
@@ -216,6 +229,12 @@ fn summary_from_row(row: &AnyRow) -> Result<ConnectionSummary, StoreError> {
         last_error_code: row.try_get("last_error_code")?,
         last_message: row.try_get("last_message")?,
         open_incident,
+        last_webhook_at: row.try_get("last_webhook_at")?,
+        quiet: row.try_get::<i64, _>("quiet")? != 0,
+        quiet_since: row.try_get("quiet_since")?,
+        watermark: row.try_get("watermark")?,
+        last_poll_at: row.try_get("last_poll_at")?,
+        last_poll_result: row.try_get("last_poll_result")?,
     })
 }
 

@@ -1,0 +1,159 @@
+//! Relay of recovered changes: a durable outbox drained by Standard Webhooks–signed POSTs,
+//! retried with exponential backoff and jitter; messages past `max_attempts` are dead
+//! (kept, counted, shown in `status`).
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::metrics::Metrics;
+use crate::store::{RelayMessage, Store, now_millis};
+use crate::webhook::verify::{decode_standard_secret, sign_standard};
+
+/// Sends relay messages.
+pub struct Relay {
+    store: Store,
+    metrics: Metrics,
+    settings: RelayConfig,
+    key: Vec<u8>,
+    client: reqwest::Client,
+    owner: String,
+}
+
+impl Relay {
+    pub fn new(
+        store: Store,
+        metrics: Metrics,
+        settings: RelayConfig,
+        owner: String,
+    ) -> anyhow::Result<Relay> {
+        let secret = settings.secret.read()?;
+        let key = decode_standard_secret(secret.expose_secret()).map_err(anyhow::Error::msg)?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(settings.timeout)
+            .build()?;
+        Ok(Relay {
+            store,
+            metrics,
+            settings,
+            key,
+            client,
+            owner,
+        })
+    }
+
+    /// Drains the outbox until `cancel`.
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            let now = now_millis();
+            let lease_until = now + 2 * crate::schedule::millis(self.settings.timeout) + 30_000;
+            let claimed = match self
+                .store
+                .claim_relay(now, 32, &self.owner, lease_until)
+                .await
+            {
+                Ok(messages) => messages,
+                Err(error) => {
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&["claim_relay"])
+                        .inc();
+                    tracing::error!(%error, "cannot claim relay messages");
+                    Vec::new()
+                }
+            };
+            let busy = !claimed.is_empty();
+            for message in claimed {
+                self.send(message).await;
+            }
+            if !busy {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            } else if cancel.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    async fn send(&self, message: RelayMessage) {
+        let timestamp = now_millis() / 1000;
+        let signature = sign_standard(
+            &self.key,
+            &message.webhook_id,
+            timestamp,
+            message.payload.as_bytes(),
+        );
+        let sent = self
+            .client
+            .post(&self.settings.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &message.webhook_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(message.payload.clone())
+            .send()
+            .await;
+        let failure = match sent {
+            Ok(response) if response.status().is_success() => None,
+            Ok(response) => Some(format!("relay answered {}", response.status().as_u16())),
+            Err(error) if error.is_timeout() => Some("relay timed out".to_owned()),
+            Err(_) => Some("cannot reach the relay".to_owned()),
+        };
+        let now = now_millis();
+        let attempts = message.attempts + 1;
+        let outcome = match &failure {
+            None => Ok(()),
+            Some(reason) if attempts >= i64::from(self.settings.max_attempts) => {
+                Err((reason.as_str(), None))
+            }
+            Some(reason) => Err((reason.as_str(), Some(now + backoff_ms(attempts)))),
+        };
+        let result = match &outcome {
+            Ok(()) => "sent",
+            Err((_, Some(_))) => "failed",
+            Err((_, None)) => "dead",
+        };
+        self.metrics.relay.with_label_values(&[result]).inc();
+        if let Some(reason) = &failure {
+            tracing::warn!(webhook_id = %message.webhook_id, attempts, %reason, result, "relay attempt failed");
+        }
+        if let Err(error) = self
+            .store
+            .finish_relay(message.id, &self.owner, outcome, now)
+            .await
+        {
+            tracing::error!(%error, "cannot record the relay attempt; it will be retried");
+        }
+    }
+}
+
+/// 1 s doubling per attempt, capped at an hour, with ±25 % jitter.
+pub fn backoff_ms(attempts: i64) -> i64 {
+    let base = 1000_i64
+        .saturating_mul(1 << attempts.clamp(0, 12))
+        .min(3_600_000);
+    let jitter = (base / 4).max(1);
+    base - jitter + (rand::random::<u64>() % (2 * jitter as u64)) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_with_bounded_jitter() {
+        for attempts in 1..20 {
+            let base = (1000_i64 << attempts.min(12)).min(3_600_000);
+            let delay = backoff_ms(attempts);
+            assert!(
+                delay >= base * 3 / 4 && delay <= base * 5 / 4,
+                "{attempts}: {delay}"
+            );
+        }
+    }
+}

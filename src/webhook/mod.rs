@@ -1,0 +1,356 @@
+//! The webhook listener: verify the signature on the raw body, parse, store (de-duplicated,
+//! durably, before answering), and nudge quiet tracking.
+//!
+//! No network call happens while the sender waits: the answer follows the commit of a
+//! batched write transaction shared by concurrent deliveries (group commit).
+
+pub mod verify;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::{PlatformConfig, PlatformWebhooks, SignatureScheme};
+use crate::domain::Millis;
+use crate::metrics::Metrics;
+use crate::schedule::Event;
+use crate::store::{Store, WebhookDelivery, WebhookStored, now_millis};
+use verify::{SignatureError, decode_standard_secret, verify_hex, verify_standard};
+
+/// Most deliveries committed in one transaction.
+const WRITE_BATCH: usize = 256;
+
+/// Signing keys, decoded once; never printed.
+struct Keys(Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "Keys([{} redacted])", self.0.len())
+    }
+}
+
+/// One platform's webhook profile with its keys.
+#[derive(Debug)]
+struct Receiver {
+    profile: PlatformWebhooks,
+    keys: Keys,
+}
+
+type Reply = oneshot::Sender<Result<WebhookStored, ()>>;
+
+/// What the webhook handler shares.
+#[derive(Clone)]
+pub struct WebhookState {
+    receivers: Arc<BTreeMap<String, Receiver>>,
+    writer: mpsc::Sender<(WebhookDelivery, Reply)>,
+    metrics: Metrics,
+}
+
+/// A webhook secret could not be read or decoded at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("platforms.{platform}.webhooks.secrets[{index}]: {message}")]
+pub struct KeyError {
+    platform: String,
+    index: usize,
+    message: String,
+}
+
+impl WebhookState {
+    /// Reads the platforms' webhook secrets and starts the batching writer.
+    pub fn new(
+        platforms: &BTreeMap<String, PlatformConfig>,
+        store: Store,
+        metrics: Metrics,
+        events: broadcast::Sender<Event>,
+    ) -> Result<WebhookState, KeyError> {
+        let mut receivers = BTreeMap::new();
+        for (name, platform) in platforms {
+            let Some(profile) = &platform.webhooks else {
+                continue;
+            };
+            let mut keys = Vec::new();
+            for (index, secret) in profile.secrets.iter().enumerate() {
+                let failure = |message: String| KeyError {
+                    platform: name.clone(),
+                    index,
+                    message,
+                };
+                let value = secret.read().map_err(|error| failure(error.to_string()))?;
+                let key = match profile.scheme {
+                    SignatureScheme::Standard => {
+                        decode_standard_secret(value.expose_secret()).map_err(failure)?
+                    }
+                    SignatureScheme::HexHmac { .. } => value.expose_secret().as_bytes().to_vec(),
+                };
+                keys.push(key);
+            }
+            metrics.declare_webhook_platform(name, platform.changes.is_some());
+            receivers.insert(
+                name.clone(),
+                Receiver {
+                    profile: profile.clone(),
+                    keys: Keys(keys),
+                },
+            );
+        }
+        let (writer, queue) = mpsc::channel(4 * WRITE_BATCH);
+        tokio::spawn(write_deliveries(store, queue, events));
+        Ok(WebhookState {
+            receivers: Arc::new(receivers),
+            writer,
+            metrics,
+        })
+    }
+}
+
+/// `POST /webhooks/{platform}`, with the body limit (413 above it).
+pub fn router(state: WebhookState, max_bytes: usize) -> Router {
+    Router::new()
+        .route("/webhooks/{platform}", post(receive))
+        .layer(DefaultBodyLimit::max(max_bytes))
+        .with_state(state)
+}
+
+fn answer(status: StatusCode, result: &str) -> Response {
+    (status, axum::Json(json!({ "result": result }))).into_response()
+}
+
+async fn receive(
+    State(state): State<WebhookState>,
+    Path(platform): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(receiver) = state.receivers.get(&platform) else {
+        return answer(StatusCode::NOT_FOUND, "unknown_platform");
+    };
+    let count = |result: &str| {
+        state
+            .metrics
+            .webhooks_received
+            .with_label_values(&[platform.as_str(), result])
+            .inc();
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            count("too_large");
+            return answer(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+        }
+        Err(_) => {
+            count("malformed");
+            return answer(StatusCode::BAD_REQUEST, "malformed");
+        }
+    };
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let verified = match &receiver.profile.scheme {
+        SignatureScheme::Standard => verify_standard(
+            &receiver.keys.0,
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+            &body,
+            now_millis() / 1000,
+        ),
+        SignatureScheme::HexHmac { header: name } => {
+            verify_hex(&receiver.keys.0, header(name), &body)
+        }
+    };
+    if let Err(error) = verified {
+        count("bad_signature");
+        tracing::warn!(platform = %platform, reason = %error, "webhook refused");
+        return answer(StatusCode::UNAUTHORIZED, signature_result(error));
+    }
+    let webhook_id = match &receiver.profile.scheme {
+        SignatureScheme::Standard => header("webhook-id").map(str::to_owned),
+        SignatureScheme::HexHmac { .. } => Some(
+            receiver
+                .profile
+                .id_header
+                .as_deref()
+                .and_then(header)
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(&body))),
+        ),
+    };
+    let Some(delivery) = webhook_id.and_then(|id| parse(&platform, &receiver.profile, id, &body))
+    else {
+        count("malformed");
+        return answer(StatusCode::BAD_REQUEST, "malformed");
+    };
+    let span =
+        tracing::info_span!("webhook", platform = %platform, remote_id = %delivery.remote_id);
+    let _entered = span.enter();
+    let (reply, stored) = oneshot::channel();
+    if state.writer.send((delivery, reply)).await.is_err() {
+        return answer(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    }
+    match tokio::time::timeout(Duration::from_secs(10), stored).await {
+        Ok(Ok(Ok(WebhookStored::Accepted { connection, .. }))) => {
+            count("accepted");
+            tracing::debug!(connection_id = %connection, "webhook stored");
+            answer(StatusCode::OK, "accepted")
+        }
+        Ok(Ok(Ok(WebhookStored::Duplicate))) => {
+            count("duplicate");
+            answer(StatusCode::OK, "duplicate")
+        }
+        Ok(Ok(Ok(WebhookStored::UnknownConnection))) => {
+            count("unknown_connection");
+            answer(StatusCode::ACCEPTED, "unknown_connection")
+        }
+        // Not stored: the platform retries later.
+        Ok(Ok(Err(()))) | Ok(Err(_)) | Err(_) => {
+            answer(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        }
+    }
+}
+
+fn signature_result(error: SignatureError) -> &'static str {
+    match error {
+        SignatureError::Missing => "missing_signature",
+        SignatureError::BadTimestamp | SignatureError::Stale => "stale_timestamp",
+        SignatureError::Mismatch => "bad_signature",
+    }
+}
+
+/// Reads the fields the profile points at; `None` if the body is not usable.
+fn parse(
+    platform: &str,
+    profile: &PlatformWebhooks,
+    webhook_id: String,
+    body: &[u8],
+) -> Option<WebhookDelivery> {
+    let text = std::str::from_utf8(body).ok()?;
+    let json: Value = serde_json::from_str(text).ok()?;
+    let at = |pointer: &Option<String>| {
+        pointer
+            .as_deref()
+            .and_then(|pointer| text_at(&json, pointer))
+    };
+    let remote_id = text_at(&json, &profile.connection_pointer)?;
+    let event_type = at(&profile.type_pointer);
+    let change_updated = profile
+        .change_updated_pointer
+        .as_deref()
+        .and_then(|pointer| json.pointer(pointer))
+        .and_then(time_value);
+    let reauth = event_type
+        .as_ref()
+        .is_some_and(|kind| profile.reauth_types.contains(kind));
+    let reconnected = event_type
+        .as_ref()
+        .is_some_and(|kind| profile.reconnect_types.contains(kind));
+    Some(WebhookDelivery {
+        platform: platform.to_owned(),
+        webhook_id: crate::domain::bounded(&webhook_id, 200),
+        received_at: now_millis(),
+        remote_id,
+        event_type,
+        change_id: at(&profile.change_id_pointer),
+        change_updated,
+        reauth,
+        reconnected,
+        body: text.to_owned(),
+    })
+}
+
+/// A JSON value as text: strings as they are, numbers printed; nothing for null or objects.
+pub fn text_at(json: &Value, pointer: &str) -> Option<String> {
+    match json.pointer(pointer)? {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+/// A time on the wire: RFC 3339, or Unix seconds / milliseconds as a number.
+pub fn time_value(value: &Value) -> Option<Millis> {
+    match value {
+        Value::String(text) => parse_rfc3339(text),
+        Value::Number(number) => {
+            let raw = number.as_i64()?;
+            Some(if raw > 100_000_000_000 {
+                raw
+            } else {
+                raw * 1000
+            })
+        }
+        _ => None,
+    }
+}
+
+/// RFC 3339 with `Z` or a `+00:00` offset.
+pub fn parse_rfc3339(text: &str) -> Option<Millis> {
+    let normalised = match text.strip_suffix("+00:00") {
+        Some(stripped) => format!("{stripped}Z"),
+        None => text.to_owned(),
+    };
+    let time = humantime::parse_rfc3339(&normalised).ok()?;
+    let elapsed = time.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(elapsed.as_millis()).ok()
+}
+
+/// Commits deliveries in batches and answers each waiting handler.
+async fn write_deliveries(
+    store: Store,
+    mut queue: mpsc::Receiver<(WebhookDelivery, Reply)>,
+    events: broadcast::Sender<Event>,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let (deliveries, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+        match store.record_webhooks(&deliveries).await {
+            Ok(results) => {
+                for (result, reply) in results.into_iter().zip(replies) {
+                    if let WebhookStored::Accepted {
+                        connection,
+                        transition: Some(health),
+                    } = &result
+                    {
+                        tracing::info!(connection_id = %connection, to = %health, "webhook: reauthorization required");
+                        let _ = events.send(Event::WebhookReauth {
+                            id: connection.clone(),
+                        });
+                    }
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, deliveries = deliveries.len(), "cannot store webhooks; answering 503");
+                for reply in replies {
+                    let _ = reply.send(Err(()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_read_from_rfc3339_or_epoch_numbers() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:01Z"), Some(1000));
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:01.500+00:00"), Some(1500));
+        assert_eq!(time_value(&json!(2)), Some(2000));
+        assert_eq!(
+            time_value(&json!(1_700_000_000_123_i64)),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+}
