@@ -161,7 +161,9 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on server.webhooks {address}"))?;
-        webhook_addr = Some(listener.local_addr()?);
+        let bound = listener.local_addr()?;
+        tracing::info!(webhook_addr = %bound, "webhook listener bound");
+        webhook_addr = Some(bound);
         let router = webhook::router(state, config.server.webhook_max_bytes);
         let webhook_cancel = cancel.clone();
         background.push(tokio::spawn(async move {

@@ -83,6 +83,13 @@ token = "tok_literal_in_file"
 fn check_config_accepts_the_example_config() {
     let credentials = tempfile::tempdir().expect("temp dir");
     std::fs::write(credentials.path().join("acme-token"), "tok_example").expect("write");
+    for name in ["makini-webhook-secret", "relay-secret"] {
+        std::fs::write(
+            credentials.path().join(name),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        )
+        .expect("write");
+    }
     let output = Command::new(BINARY)
         .args(["check-config", "--config", "connwatch.example.toml"])
         .env("CREDENTIALS_DIRECTORY", credentials.path())
@@ -119,6 +126,15 @@ fn the_demo_tour_detects_the_credential_change_and_the_recovery() {
 
 /// Starts `connwatch run`, collecting stderr; returns the child, the log and the admin address.
 fn spawn_daemon(config: &std::path::Path) -> (std::process::Child, Arc<Mutex<String>>, String) {
+    let (child, log, mut addresses) = spawn_daemon_with(config, &["admin_addr="]);
+    (child, log, addresses.remove(0))
+}
+
+/// Like `spawn_daemon`, waiting for each `field=` of `fields` in the log.
+fn spawn_daemon_with(
+    config: &std::path::Path,
+    fields: &[&'static str],
+) -> (std::process::Child, Arc<Mutex<String>>, Vec<String>) {
     let mut child = Command::new(BINARY)
         .args(["run", "--config", config.to_str().expect("utf-8")])
         .env("RUST_LOG", "trace")
@@ -130,24 +146,31 @@ fn spawn_daemon(config: &std::path::Path) -> (std::process::Child, Arc<Mutex<Str
     let (address_sender, address_receiver) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().expect("stderr");
     let sink = log.clone();
+    let wanted: Vec<&'static str> = fields.to_vec();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(position) = line.find("admin_addr=") {
-                let address: String = line[position + 11..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace())
-                    .collect();
-                let _ = address_sender.send(address);
+            for (index, field) in wanted.iter().enumerate() {
+                if let Some(position) = line.find(field) {
+                    let address: String = line[position + field.len()..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    let _ = address_sender.send((index, address));
+                }
             }
             let mut log = sink.lock().expect("log");
             log.push_str(&line);
             log.push('\n');
         }
     });
-    let address = address_receiver
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("daemon did not start: {}", log.lock().expect("log")));
-    (child, log, address)
+    let mut addresses = vec![String::new(); fields.len()];
+    for _ in 0..fields.len() {
+        let (index, address) = address_receiver
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("daemon did not start: {}", log.lock().expect("log")));
+        addresses[index] = address;
+    }
+    (child, log, addresses)
 }
 
 fn strip_ansi(text: &str) -> String {
@@ -305,4 +328,68 @@ fn nix_kill(pid: u32, signal: &str) {
         .status()
         .expect("kill");
     assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_answered_2xx_survives_kill_9() {
+    use connwatch::webhook::verify::{decode_standard_secret, sign_standard};
+    let db = TestDb::new(Kind::Sqlite).await;
+    let platform = FakePlatform::start().await.expect("platform");
+    platform.set("tok-acme", Behaviour::Healthy);
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    std::fs::write(db.path().join("webhook.secret"), secret).expect("secret");
+    let connections = [Conn {
+        id: "acme",
+        platform: "makini",
+        token_file: token_file(db.path(), "acme", "tok-acme"),
+    }];
+    let mut text = config_text(
+        &db.url,
+        &[("makini", platform.base_url())],
+        &connections,
+        "",
+    )
+    .replace(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nwebhooks = \"127.0.0.1:0\"",
+    );
+    text.push_str(&format!(
+        "\n[platforms.makini.webhooks]\nsecrets = [{{ file = \"{}\" }}]\nconnection_pointer = \"/connectionId\"\n",
+        db.path().join("webhook.secret").display()
+    ));
+    let config = db.path().join("connwatch.toml");
+    std::fs::write(&config, text).expect("config");
+    let (mut child, _log, addresses) =
+        spawn_daemon_with(&config, &["admin_addr=", "webhook_addr="]);
+    let key = decode_standard_secret(secret).expect("key");
+    let client = reqwest::Client::new();
+    let timestamp = connwatch::store::now_millis() / 1000;
+    for index in 0..20 {
+        let id = format!("msg_kill_{index}");
+        let body = format!("{{\"connectionId\":\"conn_acme\",\"n\":{index}}}");
+        let status = client
+            .post(format!("http://{}/webhooks/makini", addresses[1]))
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                sign_standard(&key, &id, timestamp, body.as_bytes()),
+            )
+            .body(body)
+            .send()
+            .await
+            .expect("deliver")
+            .status();
+        assert_eq!(status, 200);
+    }
+    nix_kill(child.id(), "KILL");
+    let _ = child.wait();
+    let store = connwatch::store::Store::connect(&db.url, 1)
+        .await
+        .expect("reopen");
+    assert_eq!(
+        store.webhook_count("makini").await.expect("count"),
+        20,
+        "every 2xx is durable"
+    );
 }

@@ -875,6 +875,32 @@ token = "literal-secret"
     }
 
     #[test]
+    fn short_or_malformed_webhook_secrets_are_refused_at_load() {
+        let folder = std::env::temp_dir().join(format!("connwatch-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).expect("folder");
+        std::fs::write(folder.join("short"), "whsec_c2hvcnQ=").expect("write");
+        std::fs::write(
+            folder.join("good"),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        )
+        .expect("write");
+        let text = format!(
+            "{PLATFORM}\n[platforms.makini.webhooks]\nconnection_pointer = \"/connectionId\"\n\
+             secrets = [{{ file = \"{0}/good\" }}, {{ file = \"{0}/short\" }}]\n",
+            folder.display()
+        );
+        let problems = parse(&text).expect_err("invalid");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "platforms.makini.webhooks.secrets[1]");
+        assert!(
+            problems[0].message.contains("24 to 64"),
+            "{}",
+            problems[0].message
+        );
+        let _ = std::fs::remove_dir_all(folder);
+    }
+
+    #[test]
     fn a_syntax_error_names_its_line() {
         let problems = parse("[store]\nurl = \n").expect_err("invalid");
         assert_eq!(problems[0].line, Some(2));

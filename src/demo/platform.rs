@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::RawQuery;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +41,13 @@ struct PlatformState {
     tokens: HashMap<String, Behaviour>,
     requests: HashMap<String, u64>,
     served: u64,
+    /// Changes per token: (id, updated at in ms).
+    changes: HashMap<String, Vec<(String, i64)>>,
+    /// Query strings of every `/v1/changes` request, in order.
+    change_queries: Vec<String>,
+    page_size: usize,
+    /// Page index (0-based) from which `/v1/changes` answers 500, once per request.
+    fail_from_page: Option<usize>,
 }
 
 /// A running fake platform; stops when dropped or on `stop`.
@@ -55,10 +63,14 @@ impl FakePlatform {
     pub async fn start() -> std::io::Result<FakePlatform> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(PlatformState::default()));
+        let state = Arc::new(Mutex::new(PlatformState {
+            page_size: 2,
+            ..PlatformState::default()
+        }));
         let stop = CancellationToken::new();
         let router = Router::new()
             .route("/v1/connection", any(connection_status))
+            .route("/v1/changes", get(recent_changes))
             .with_state(state.clone());
         let stopped = stop.clone();
         tokio::spawn(async move {
@@ -96,18 +108,127 @@ impl FakePlatform {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+
+    /// Records a change visible to `token` on `/v1/changes`.
+    pub fn add_change(&self, token: &str, id: &str, updated_ms: i64) {
+        let mut state = self.state.lock().expect("platform state");
+        state
+            .changes
+            .entry(token.to_owned())
+            .or_default()
+            .push((id.to_owned(), updated_ms));
+    }
+
+    /// Items per page of `/v1/changes` (default 2).
+    pub fn set_page_size(&self, size: usize) {
+        self.state.lock().expect("platform state").page_size = size.max(1);
+    }
+
+    /// From this page on, `/v1/changes` answers 500 (`None` heals it).
+    pub fn fail_from_page(&self, page: Option<usize>) {
+        self.state.lock().expect("platform state").fail_from_page = page;
+    }
+
+    /// The query strings of the `/v1/changes` requests so far.
+    pub fn change_queries(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .expect("platform state")
+            .change_queries
+            .clone()
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> String {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    reqwest::Url::parse(&format!("http://x/?{query}"))
+        .ok()?
+        .query_pairs()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// `GET /v1/changes?modified_after=RFC3339[&cursor=N]`: changes updated after the time,
+/// oldest first, a page at a time; `next` is the cursor of the next page or null.
+async fn recent_changes(
+    State(state): State<Arc<Mutex<PlatformState>>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let token = bearer(&headers);
+    let query = query.unwrap_or_default();
+    let mut state = state.lock().expect("platform state");
+    state.change_queries.push(query.clone());
+    match state.tokens.get(&token).copied() {
+        None | Some(Behaviour::Revoked) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": {"code": "AUTHENTICATION_FAILED"}})),
+            )
+                .into_response();
+        }
+        Some(Behaviour::RateLimited(seconds)) => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", seconds.to_string())],
+            )
+                .into_response();
+        }
+        Some(_) => {}
+    }
+    let since = query_param(&query, "modified_after")
+        .and_then(|text| humantime::parse_rfc3339(&text).ok())
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0);
+    let offset: usize = query_param(&query, "cursor")
+        .and_then(|cursor| cursor.parse().ok())
+        .unwrap_or(0);
+    let page_size = state.page_size;
+    if state
+        .fail_from_page
+        .is_some_and(|page| offset / page_size >= page)
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let mut matching: Vec<(String, i64)> = state
+        .changes
+        .get(&token)
+        .map(|changes| {
+            changes
+                .iter()
+                .filter(|(_, at)| *at > since)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    matching.sort_by_key(|(id, at)| (*at, id.clone()));
+    let page: Vec<serde_json::Value> = matching
+        .iter()
+        .skip(offset)
+        .take(page_size)
+        .map(|(id, at)| {
+            let time = std::time::UNIX_EPOCH + Duration::from_millis(*at as u64);
+            json!({"id": id, "_updatedAt": humantime::format_rfc3339_millis(time).to_string()})
+        })
+        .collect();
+    let next = (offset + page_size < matching.len()).then(|| (offset + page_size).to_string());
+    axum::Json(json!({"data": page, "next": next})).into_response()
 }
 
 async fn connection_status(
     State(state): State<Arc<Mutex<PlatformState>>>,
     headers: HeaderMap,
 ) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .to_owned();
+    let token = bearer(&headers);
     let (behaviour, request_number) = {
         let mut state = state.lock().expect("platform state");
         state.served += 1;

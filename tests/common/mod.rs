@@ -128,11 +128,12 @@ pub fn config_text(
     for connection in connections {
         text.push_str(&format!(
             "\n[[connections]]\nid = \"{}\"\nname = \"Customer {}\"\nplatform = \"{}\"\n\
-             token = {{ file = \"{}\" }}\ncontacts = [\"it@{}.example\"]\n\
+             remote_id = \"conn_{}\"\ntoken = {{ file = \"{}\" }}\ncontacts = [\"it@{}.example\"]\n\
              reconnect_url = \"https://app.example.com/reconnect/{}\"\n",
             connection.id,
             connection.id,
             connection.platform,
+            connection.id,
             connection.token_file.display(),
             connection.id,
             connection.id

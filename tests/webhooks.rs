@@ -1,0 +1,676 @@
+//! Webhooks, quiet detection, the polling fallback and the relay, end to end over real HTTP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use common::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
+use connwatch::app::{self, Hooks, Running};
+use connwatch::demo::platform::{Behaviour, FakePlatform};
+use connwatch::domain::{ConnectionId, Health};
+use connwatch::store::now_millis;
+use connwatch::webhook::verify::{
+    decode_standard_secret, sign_hex, sign_standard, verify_standard,
+};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const RELAY_SECRET: &str = "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQQ==";
+const NANGO_SECRET: &str = "nango-signing-secret-0123456789";
+
+struct Setup {
+    db: TestDb,
+    platform: FakePlatform,
+    running: Running,
+    relay: Option<RelayReceiver>,
+    text: String,
+}
+
+/// Writes secrets and builds a config with webhooks (+ changes, + relay when asked).
+async fn setup(kind: Kind, ids: &[&str], webhooks: &str, relay: bool) -> Setup {
+    let db = TestDb::new(kind).await;
+    let platform = FakePlatform::start().await.expect("platform");
+    std::fs::write(db.path().join("webhook.secret"), SECRET).expect("secret");
+    std::fs::write(db.path().join("nango.secret"), NANGO_SECRET).expect("secret");
+    std::fs::write(db.path().join("relay.secret"), RELAY_SECRET).expect("secret");
+    let connections: Vec<Conn> = ids
+        .iter()
+        .map(|id| {
+            let token = format!("tok-{id}");
+            platform.set(&token, Behaviour::Healthy);
+            Conn {
+                id,
+                platform: "makini",
+                token_file: token_file(db.path(), id, &token),
+            }
+        })
+        .collect();
+    let mut text = config_text(
+        &db.url,
+        &[
+            ("makini", platform.base_url()),
+            ("nango", platform.base_url()),
+        ],
+        &connections,
+        "",
+    )
+    .replace(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nwebhooks = \"127.0.0.1:0\"\nwebhook_max_bytes = 4096",
+    );
+    let folder = db.path().display();
+    text.push_str(&format!(
+        r#"
+[platforms.makini.webhooks]
+secrets = [{{ file = "{folder}/webhook.secret" }}]
+connection_pointer = "/connectionId"
+type_pointer = "/type"
+reauth_types = ["connection.reauthorization_required"]
+change_id_pointer = "/data/id"
+change_updated_pointer = "/data/_updatedAt"
+
+[platforms.makini.changes]
+path = "/v1/changes"
+since_param = "modified_after"
+items_pointer = "/data"
+next_pointer = "/next"
+cursor_param = "cursor"
+id_pointer = "/id"
+updated_pointer = "/_updatedAt"
+
+[platforms.nango.webhooks]
+scheme = "hmac-sha256-hex"
+signature_header = "x-nango-hmac-sha256"
+secrets = [{{ file = "{folder}/nango.secret" }}]
+connection_pointer = "/connectionId"
+
+[webhooks]
+{webhooks}
+"#
+    ));
+    let relay = if relay {
+        let receiver = RelayReceiver::start().await;
+        text.push_str(&format!(
+            "\n[relay]\nurl = \"http://{}/recovered\"\nsecret = {{ file = \"{folder}/relay.secret\" }}\ntimeout = \"2s\"\n",
+            receiver.addr
+        ));
+        Some(receiver)
+    } else {
+        None
+    };
+    let running = app::start(parse(&text), Hooks::default())
+        .await
+        .expect("start");
+    Setup {
+        db,
+        platform,
+        running,
+        relay,
+        text,
+    }
+}
+
+type Headers = Vec<(&'static str, String)>;
+
+fn signed(id: &str, timestamp: i64, body: &str, secret: &str) -> Headers {
+    let key = decode_standard_secret(secret).expect("secret");
+    vec![
+        ("webhook-id", id.to_owned()),
+        ("webhook-timestamp", timestamp.to_string()),
+        (
+            "webhook-signature",
+            sign_standard(&key, id, timestamp, body.as_bytes()),
+        ),
+    ]
+}
+
+async fn deliver(
+    client: &reqwest::Client,
+    running: &Running,
+    platform: &str,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+) -> (u16, String) {
+    let url = format!(
+        "http://{}/webhooks/{platform}",
+        running.webhook_addr.expect("webhook listener")
+    );
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.expect("deliver");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+fn change_event(remote: &str, change_id: &str, updated_ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(updated_ms as u64);
+    serde_json::json!({
+        "type": "record.updated",
+        "connectionId": remote,
+        "data": {"id": change_id, "_updatedAt": humantime::format_rfc3339_millis(time).to_string()},
+    })
+    .to_string()
+}
+
+async fn metric(running: &Running, needle: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", running.admin_addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find(|line| line.starts_with(needle))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn deliveries_are_verified_and_answered_as_the_contract_says() {
+    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
+    let client = reqwest::Client::new();
+    let now = now_millis() / 1000;
+    let body = change_event("conn_acme", "rec_1", now_millis());
+    let running = &setup.running;
+    let cases: Vec<(&str, Headers, String, u16)> = vec![
+        (
+            "valid",
+            signed("msg_1", now, &body, SECRET),
+            body.clone(),
+            200,
+        ),
+        (
+            "duplicate",
+            signed("msg_1", now, &body, SECRET),
+            body.clone(),
+            200,
+        ),
+        (
+            "tampered body",
+            signed("msg_2", now, &body, SECRET),
+            body.replace("rec_1", "rec_9"),
+            401,
+        ),
+        (
+            "wrong secret",
+            signed("msg_3", now, &body, RELAY_SECRET),
+            body.clone(),
+            401,
+        ),
+        (
+            "stale timestamp",
+            signed("msg_4", now - 301, &body, SECRET),
+            body.clone(),
+            401,
+        ),
+        (
+            "future timestamp",
+            signed("msg_5", now + 301, &body, SECRET),
+            body.clone(),
+            401,
+        ),
+        ("missing headers", Vec::new(), body.clone(), 401),
+        (
+            "not json",
+            signed("msg_6", now, "{nope", SECRET),
+            "{nope".into(),
+            400,
+        ),
+        (
+            "no connection field",
+            signed("msg_7", now, "{\"type\":\"x\"}", SECRET),
+            "{\"type\":\"x\"}".into(),
+            400,
+        ),
+        (
+            "unknown connection",
+            signed("msg_8", now, &change_event("conn_nobody", "r", 1), SECRET),
+            change_event("conn_nobody", "r", 1),
+            202,
+        ),
+    ];
+    for (case, headers, body, expected) in cases {
+        let (status, answer) = deliver(&client, running, "makini", headers, body).await;
+        assert_eq!(status, expected, "{case}: {answer}");
+    }
+    let large = format!(
+        "{{\"connectionId\":\"conn_acme\",\"pad\":\"{}\"}}",
+        "x".repeat(5000)
+    );
+    let (status, _) = deliver(
+        &client,
+        running,
+        "makini",
+        signed("msg_9", now, &large, SECRET),
+        large.clone(),
+    )
+    .await;
+    assert_eq!(status, 413, "over webhook_max_bytes");
+
+    assert!(
+        running
+            .store
+            .webhook_stored("makini", "msg_1")
+            .await
+            .expect("read")
+    );
+    assert!(
+        running
+            .store
+            .webhook_stored("makini", "msg_8")
+            .await
+            .expect("read"),
+        "unknown connections are stored"
+    );
+    assert!(
+        !running
+            .store
+            .webhook_stored("makini", "msg_2")
+            .await
+            .expect("read")
+    );
+    for (result, count) in [
+        ("accepted", 1.0),
+        ("duplicate", 1.0),
+        ("bad_signature", 5.0),
+        ("malformed", 2.0),
+        ("too_large", 1.0),
+        ("unknown_connection", 1.0),
+    ] {
+        let needle =
+            format!("connwatch_webhooks_received_total{{platform=\"makini\",result=\"{result}\"}}");
+        assert_eq!(metric(running, &needle).await, count, "{result}");
+    }
+    let acme = running
+        .store
+        .list_connections()
+        .await
+        .expect("list")
+        .remove(0);
+    assert!(acme.last_webhook_at.is_some(), "activity recorded");
+    setup.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn hex_hmac_signatures_are_verified_for_platforms_that_use_them() {
+    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
+    let client = reqwest::Client::new();
+    let body = "{\"connectionId\":\"conn_acme\",\"type\":\"sync\"}".to_owned();
+    let good = sign_hex(NANGO_SECRET.as_bytes(), body.as_bytes());
+    let (status, _) = deliver(
+        &client,
+        &setup.running,
+        "nango",
+        vec![("x-nango-hmac-sha256", good)],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(
+        status, 202,
+        "verified; conn_acme is a makini connection, so unknown here"
+    );
+    let bad = sign_hex(b"another-secret-entirely-123", body.as_bytes());
+    let (status, _) = deliver(
+        &client,
+        &setup.running,
+        "nango",
+        vec![("x-nango-hmac-sha256", bad)],
+        body,
+    )
+    .await;
+    assert_eq!(status, 401);
+    setup.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_deliveries_of_a_hundred_ids_store_exactly_a_hundred() {
+    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
+    let client = reqwest::Client::new();
+    let now = now_millis() / 1000;
+    let mut tasks = Vec::new();
+    for attempt in 0..1000 {
+        let id = format!("msg_{}", attempt % 100);
+        let body = change_event(
+            "conn_acme",
+            &format!("rec_{}", attempt % 100),
+            1_000 + (attempt % 100) as i64,
+        );
+        let headers = signed(&id, now, &body, SECRET);
+        let client = client.clone();
+        let url = format!(
+            "http://{}/webhooks/makini",
+            setup.running.webhook_addr.expect("listener")
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut request = client.post(url).body(body);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            request.send().await.expect("send").status().as_u16()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), 200);
+    }
+    assert_eq!(
+        setup
+            .running
+            .store
+            .webhook_count("makini")
+            .await
+            .expect("count"),
+        100
+    );
+    let running = &setup.running;
+    assert_eq!(
+        metric(
+            running,
+            "connwatch_webhooks_received_total{platform=\"makini\",result=\"accepted\"}"
+        )
+        .await,
+        100.0
+    );
+    assert_eq!(
+        metric(
+            running,
+            "connwatch_webhooks_received_total{platform=\"makini\",result=\"duplicate\"}"
+        )
+        .await,
+        900.0
+    );
+    setup.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reauth_webhook_moves_the_connection_to_needs_reauth_and_triggers_a_probe() {
+    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
+    let running = &setup.running;
+    eventually(Duration::from_secs(5), "first probe", || async {
+        (running.store.list_connections().await.ok()?[0].health == Health::Healthy).then_some(())
+    })
+    .await;
+    setup.platform.set("tok-acme", Behaviour::Revoked);
+    let before = setup.platform.requests("tok-acme");
+    let body = serde_json::json!({"type": "connection.reauthorization_required", "connectionId": "conn_acme"}).to_string();
+    let now = now_millis() / 1000;
+    let (status, _) = deliver(
+        &reqwest::Client::new(),
+        running,
+        "makini",
+        signed("msg_r", now, &body, SECRET),
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let id = ConnectionId::parse("acme").expect("id");
+    let detail = running
+        .store
+        .connection_detail(&id)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        detail.summary.health,
+        Health::NeedsReauth,
+        "at once, before any probe"
+    );
+    assert_eq!(detail.transitions[0].cause, "webhook");
+    eventually(Duration::from_secs(3), "a confirming probe", || async {
+        (setup.platform.requests("tok-acme") > before).then_some(())
+    })
+    .await;
+    setup.running.shutdown().await;
+}
+
+/// Receives relayed changes, checks their signatures, can refuse the first N.
+struct RelayReceiver {
+    addr: std::net::SocketAddr,
+    received: Arc<Mutex<HashMap<String, u32>>>,
+    refuse: Arc<Mutex<u32>>,
+}
+
+impl RelayReceiver {
+    async fn start() -> RelayReceiver {
+        let received = Arc::new(Mutex::new(HashMap::new()));
+        let refuse = Arc::new(Mutex::new(0));
+        let key = decode_standard_secret(RELAY_SECRET).expect("secret");
+        let (sink, refusals) = (received.clone(), refuse.clone());
+        let router = axum::Router::new().route(
+            "/recovered",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (sink, refusals, key) = (sink.clone(), refusals.clone(), key.clone());
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let verified = verify_standard(
+                        &[key],
+                        header("webhook-id").as_deref(),
+                        header("webhook-timestamp").as_deref(),
+                        header("webhook-signature").as_deref(),
+                        &body,
+                        now_millis() / 1000,
+                    );
+                    if verified.is_err() {
+                        return axum::http::StatusCode::UNAUTHORIZED;
+                    }
+                    {
+                        let mut refusals = refusals.lock().expect("lock");
+                        if *refusals > 0 {
+                            *refusals -= 1;
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                    }
+                    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                    let change = json["change_id"].as_str().expect("change id").to_owned();
+                    *sink.lock().expect("lock").entry(change).or_default() += 1;
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        RelayReceiver {
+            addr,
+            received,
+            refuse,
+        }
+    }
+
+    fn received(&self) -> HashMap<String, u32> {
+        self.received.lock().expect("lock").clone()
+    }
+}
+
+async fn quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: Kind) {
+    let webhooks =
+        "expected_interval = \"1s\"\ngrace = \"500ms\"\npoll_interval = \"1s\"\noverlap = \"1s\"";
+    let mut setup = setup(kind, &["acme"], webhooks, true).await;
+    let client = reqwest::Client::new();
+    let relay = setup.relay.take().expect("relay");
+    *relay.refuse.lock().expect("lock") = 1;
+    let base = now_millis();
+    // Webhooks delivered c1 and c2; the platform also has c3..c6 that no webhook brought.
+    for (index, change) in ["c1", "c2"].iter().enumerate() {
+        let body = change_event("conn_acme", change, base + index as i64);
+        let (status, _) = deliver(
+            &client,
+            &setup.running,
+            "makini",
+            signed(&format!("msg_{change}"), base / 1000, &body, SECRET),
+            body,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    for (index, change) in ["c1", "c2", "c3", "c4", "c5", "c6"].iter().enumerate() {
+        setup
+            .platform
+            .add_change("tok-acme", change, base + index as i64);
+    }
+    // The third page fails: pagination is interrupted mid-way; then the daemon restarts.
+    setup.platform.fail_from_page(Some(2));
+    eventually(
+        Duration::from_secs(10),
+        "a quiet poll reaching page 3",
+        || async {
+            (setup
+                .platform
+                .change_queries()
+                .iter()
+                .any(|query| query.contains("cursor=4")))
+            .then_some(())
+        },
+    )
+    .await;
+    let summary = setup
+        .running
+        .store
+        .list_connections()
+        .await
+        .expect("list")
+        .remove(0);
+    assert!(summary.quiet, "quiet after expected interval + grace");
+    let first = setup.platform.change_queries()[0].clone();
+    assert!(first.starts_with("modified_after="), "{first}");
+    let since = connwatch::webhook::parse_rfc3339(
+        &reqwest::Url::parse(&format!("http://x/?{first}"))
+            .expect("url")
+            .query_pairs()
+            .next()
+            .expect("param")
+            .1,
+    )
+    .expect("time");
+    assert_eq!(
+        since,
+        base + 1 - 1000,
+        "from the watermark (newest webhook change) less the overlap"
+    );
+    setup.running.shutdown().await;
+    let queries_before_restart = setup.platform.change_queries().len();
+
+    setup.platform.fail_from_page(None);
+    let restarted = app::start(parse(&setup.text), Hooks::default())
+        .await
+        .expect("restart");
+    eventually(
+        Duration::from_secs(15),
+        "every missed change relayed",
+        || async { (relay.received().len() == 4).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = relay.received();
+    let mut changes: Vec<_> = received.keys().cloned().collect();
+    changes.sort();
+    assert_eq!(
+        changes,
+        vec!["c3", "c4", "c5", "c6"],
+        "exactly the changes no webhook delivered"
+    );
+    assert!(
+        received.values().all(|count| *count == 1),
+        "each relayed once: {received:?}"
+    );
+    let resumed = &setup.platform.change_queries()[queries_before_restart];
+    assert!(
+        resumed.contains("cursor=4") && resumed.contains(&first),
+        "resumed from the stored cursor: {resumed}"
+    );
+    let summary = restarted
+        .store
+        .list_connections()
+        .await
+        .expect("list")
+        .remove(0);
+    assert!(
+        summary.watermark.expect("watermark") >= base + 5,
+        "watermark moved to the newest change"
+    );
+    // A webhook ends the quiet period.
+    let body = change_event("conn_acme", "c7", base + 10);
+    let (status, _) = deliver(
+        &client,
+        &restarted,
+        "makini",
+        signed("msg_c7", now_millis() / 1000, &body, SECRET),
+        body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let summary = restarted
+        .store
+        .list_connections()
+        .await
+        .expect("list")
+        .remove(0);
+    assert!(!summary.quiet);
+    let id = ConnectionId::parse("acme").expect("id");
+    let causes: Vec<String> = restarted
+        .store
+        .connection_detail(&id)
+        .await
+        .expect("read")
+        .expect("exists")
+        .transitions
+        .iter()
+        .map(|t| t.cause.clone())
+        .collect();
+    assert!(
+        causes.contains(&"quiet".to_owned()) && causes.contains(&"webhooks_resumed".to_owned()),
+        "{causes:?}"
+    );
+    restarted.shutdown().await;
+    drop(setup.db);
+}
+
+#[tokio::test]
+async fn sqlite_quiet_connection_is_polled_and_missed_changes_are_relayed_once() {
+    quiet_connection_is_polled_and_missed_changes_are_relayed_once(Kind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_quiet_connection_is_polled_and_missed_changes_are_relayed_once() {
+    quiet_connection_is_polled_and_missed_changes_are_relayed_once(Kind::Postgres).await;
+}
+
+#[tokio::test]
+async fn an_auth_failure_while_polling_counts_as_an_auth_failure_of_the_connection() {
+    let webhooks = "expected_interval = \"1s\"\ngrace = \"200ms\"\npoll_interval = \"1s\"";
+    let setup = setup(Kind::Sqlite, &["acme"], webhooks, false).await;
+    eventually(Duration::from_secs(5), "healthy", || async {
+        (setup.running.store.list_connections().await.ok()?[0].health == Health::Healthy)
+            .then_some(())
+    })
+    .await;
+    setup.platform.set("tok-acme", Behaviour::Revoked);
+    eventually(Duration::from_secs(8), "needs_reauth", || async {
+        (setup.running.store.list_connections().await.ok()?[0].health == Health::NeedsReauth)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        metric(
+            &setup.running,
+            "connwatch_polls_total{platform=\"makini\",result=\"auth_failed\"}"
+        )
+        .await
+            >= 1.0
+    );
+    setup.running.shutdown().await;
+}
