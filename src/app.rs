@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -322,20 +323,30 @@ async fn watch_token_files(
     every: Duration,
     cancel: CancellationToken,
 ) {
-    let mut known: HashMap<ConnectionId, Option<FileStamp>> = HashMap::new();
+    // One stat per distinct file, however many connections share it.
+    let mut known: HashMap<PathBuf, Option<FileStamp>> = HashMap::new();
     loop {
         let roster = scheduler.roster();
+        let mut by_file: HashMap<PathBuf, Vec<&ConnectionId>> = HashMap::new();
         for (id, connection) in &roster.connections {
-            let stamp = connection.token.stamp();
-            let previous = known.insert(id.clone(), stamp);
-            if matches!(previous, Some(old) if old != stamp) {
+            if let Some(path) = connection.token.path() {
+                by_file.entry(path).or_default().push(id);
+            }
+        }
+        for (path, ids) in &by_file {
+            let stamp = FileStamp::of(path);
+            let previous = known.insert(path.clone(), stamp);
+            if !matches!(previous, Some(old) if old != stamp) {
+                continue;
+            }
+            for id in ids {
                 tracing::info!(connection_id = %id, "token file changed; probing now");
                 if let Err(error) = store.request_probe(id, now_millis()).await {
                     tracing::warn!(connection_id = %id, %error, "cannot schedule the probe");
                 }
             }
         }
-        known.retain(|id, _| roster.connections.contains_key(id));
+        known.retain(|path, _| by_file.contains_key(path));
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}

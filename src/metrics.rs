@@ -22,6 +22,8 @@ pub struct Metrics {
     pub scheduler_last_tick: Gauge,
     /// `connwatch_probes_in_flight`.
     pub probes_in_flight: IntGauge,
+    /// `connwatch_probe_lateness_seconds`: probe start minus its due time.
+    pub probe_lateness: prometheus::Histogram,
     /// `connwatch_transitions_total{to}`.
     pub transitions: IntCounterVec,
     /// `connwatch_store_errors_total{operation}`.
@@ -95,6 +97,14 @@ impl Metrics {
         let scheduler_last_tick = Gauge::new(
             "connwatch_scheduler_last_tick_timestamp_seconds",
             "Unix time of the probe scheduler's last loop turn; stale means stalled.",
+        )
+        .expect("valid metric");
+        let probe_lateness = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "connwatch_probe_lateness_seconds",
+                "How late probes start against their due time (scheduler and claim delay).",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]),
         )
         .expect("valid metric");
         let probes_in_flight = IntGauge::new(
@@ -185,6 +195,7 @@ impl Metrics {
             Box::new(probe_duration.clone()),
             Box::new(scheduler_last_tick.clone()),
             Box::new(probes_in_flight.clone()),
+            Box::new(probe_lateness.clone()),
             Box::new(transitions.clone()),
             Box::new(store_errors.clone()),
             Box::new(jobs_skipped.clone()),
@@ -216,6 +227,7 @@ impl Metrics {
             probe_duration,
             scheduler_last_tick,
             probes_in_flight,
+            probe_lateness,
             transitions,
             store_errors,
             jobs_skipped,

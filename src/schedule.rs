@@ -214,6 +214,10 @@ impl Scheduler {
 
     /// Probes one claimed connection and classifies the answer.
     async fn probe_claimed(&self, claim: Claimed) -> ProbeRecord {
+        let lateness_ms = (now_millis() - claim.due).max(0);
+        self.metrics
+            .probe_lateness
+            .observe(lateness_ms as f64 / 1000.0);
         let connection = self.roster().connections.get(&claim.id).cloned();
         self.metrics.probes_in_flight.inc();
         let report = match &connection {

@@ -137,11 +137,11 @@ pub struct FileStamp {
     inode: u64,
 }
 
-impl SecretRef {
-    /// The file's current stamp; `None` for env secrets or an unreadable file.
-    pub fn stamp(&self) -> Option<FileStamp> {
+impl FileStamp {
+    /// The file's current stamp; `None` for an unreadable file.
+    pub fn of(path: &std::path::Path) -> Option<FileStamp> {
         use std::os::unix::fs::MetadataExt;
-        let metadata = std::fs::metadata(self.path()?).ok()?;
+        let metadata = std::fs::metadata(path).ok()?;
         Some(FileStamp {
             modified: metadata.modified().ok(),
             length: metadata.len(),
