@@ -12,8 +12,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::alert::Mailer;
+use crate::alert::dispatch::Dispatcher;
+use crate::alert::templates::Templates;
 use crate::config::secret::FileStamp;
+use crate::config::{Config, EmailConfig};
 use crate::domain::ConnectionId;
 use crate::jobs::CronJobs;
 use crate::metrics::Metrics;
@@ -22,7 +25,7 @@ use crate::probe::Prober;
 use crate::relay::Relay;
 use crate::schedule::{Event, Roster, Scheduler};
 use crate::server::{AdminState, admin_router};
-use crate::store::{Store, SyncConnection, now_millis};
+use crate::store::{MailPolicy, Store, SyncConnection, now_millis};
 use crate::webhook::{self, WebhookState};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -61,6 +64,41 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The mailer and templates, checked before anything starts.
+pub fn prepare_email(config: &Config) -> anyhow::Result<Option<(Mailer, Templates)>> {
+    let Some(email) = &config.email else {
+        return Ok(None);
+    };
+    let templates = Templates::load(email.templates.as_deref())
+        .map_err(|message| anyhow::anyhow!("email.templates: {message}"))?;
+    let mailer = Mailer::new(email)?;
+    Ok(Some((mailer, templates)))
+}
+
+/// What the outbox needs to plan emails inside the store's transactions.
+pub fn mail_policy(email: &EmailConfig) -> MailPolicy {
+    let domain = email
+        .from
+        .parse::<lettre::message::Mailbox>()
+        .map(|mailbox| mailbox.email.domain().to_owned())
+        .unwrap_or_else(|_| "connwatch.invalid".to_owned());
+    MailPolicy {
+        staff: email
+            .staff
+            .iter()
+            .map(|address| address.as_str().to_owned())
+            .collect(),
+        reminders: email
+            .reminders
+            .iter()
+            .map(|delay| crate::schedule::millis(*delay))
+            .collect(),
+        send_resolved: email.send_resolved,
+        hold: crate::schedule::millis(email.hold),
+        domain,
+    }
+}
+
 /// Writes the configured connections into the store.
 pub async fn sync_connections(
     store: &Store,
@@ -78,6 +116,12 @@ pub async fn sync_connections(
             remote_id: connection.remote_id.clone(),
             paused: connection.paused,
             first_due: scheduler.first_due(&connection.id, now),
+            contacts: connection
+                .contacts
+                .iter()
+                .map(|address| address.as_str().to_owned())
+                .collect(),
+            reconnect_url: connection.reconnect_url.clone(),
             expected_webhook_ms: connection
                 .expected_webhook_interval
                 .map(crate::schedule::millis),
@@ -120,6 +164,8 @@ pub fn build_scheduler(
 pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let metrics = Metrics::new(VERSION);
     let store = open_store(&config).await?;
+    let email = prepare_email(&config)?;
+    store.set_mail_policy(config.email.as_ref().map(mail_policy));
     let (events, _) = broadcast::channel(1024);
     let scheduler = build_scheduler(&config, store.clone(), metrics.clone(), events.clone())?;
     sync_connections(&store, &scheduler, &config).await?;
@@ -202,6 +248,17 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         .context("cannot set up the relay ([relay])")?;
         background.push(tokio::spawn(relay.run(cancel.clone())));
     }
+    if let (Some((mailer, templates)), Some(settings)) = (email, &config.email) {
+        let dispatcher = Dispatcher {
+            store: store.clone(),
+            mailer,
+            templates,
+            settings: settings.clone(),
+            metrics: metrics.clone(),
+            owner: scheduler.owner().to_owned(),
+        };
+        background.push(tokio::spawn(dispatcher.run(cancel.clone())));
+    }
     background.push(tokio::spawn(refresh_health_gauges(
         store.clone(),
         metrics.clone(),
@@ -225,6 +282,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         &config.store.prune_schedule,
         config.store.retention,
         config.webhooks.clone(),
+        config.email.as_ref().and_then(|email| email.daily_digest),
     )
     .await
     .context("cannot start the pruning job (store.prune_schedule)")?;

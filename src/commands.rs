@@ -181,3 +181,50 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// `connwatch send-test-email --to ADDR`: proves the SMTP settings with one email.
+pub async fn send_test_email(
+    config: &Config,
+    to: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let Some(settings) = &config.email else {
+        anyhow::bail!("the config has no [email] section");
+    };
+    crate::domain::EmailAddress::parse(to).map_err(anyhow::Error::msg)?;
+    let (mailer, _) =
+        crate::app::prepare_email(config)?.context("the config has no [email] section")?;
+    let domain = crate::app::mail_policy(settings).domain;
+    let rendered = crate::alert::templates::Rendered {
+        subject: "connwatch test email".to_owned(),
+        text: format!(
+            "This is a test email from connwatch {}.\nIf you can read it, [email] works.\n",
+            crate::app::VERSION
+        ),
+        html: format!(
+            "<p>This is a test email from connwatch {}.</p><p>If you can read it, [email] works.</p>",
+            crate::app::VERSION
+        ),
+    };
+    let message_id = format!("<cw.test.{:016x}@{domain}>", rand::random::<u64>());
+    mailer
+        .send(to, &message_id, &rendered)
+        .await
+        .map_err(|failure| {
+            anyhow::anyhow!(
+                "not sent ({}): {}",
+                if failure.permanent {
+                    "refused"
+                } else {
+                    "failed"
+                },
+                failure.message
+            )
+        })?;
+    writeln!(
+        out,
+        "test email accepted by {}:{} ({:?}) for {to}, Message-ID {message_id}",
+        settings.host, settings.port, settings.security
+    )?;
+    Ok(())
+}

@@ -27,6 +27,7 @@ impl CronJobs {
         prune_schedule: &str,
         retention: Duration,
         webhooks: WebhooksConfig,
+        daily_digest: Option<(u32, u32)>,
     ) -> Result<CronJobs, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let mut jobs = CronJobs {
@@ -34,6 +35,8 @@ impl CronJobs {
             busy: Vec::new(),
         };
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+        let store_for_digest = store.clone();
+        let digest_metrics = metrics.clone();
         jobs.add("prune", prune_schedule, metrics, move || {
             let store = store.clone();
             let webhooks = webhooks.clone();
@@ -56,6 +59,31 @@ impl CronJobs {
             }
         })
         .await?;
+        if let Some((hour, minute)) = daily_digest {
+            let digest_store = store_for_digest;
+            // Every minute in UTC, the job compares the *local* wall clock with the
+            // configured time; the digest is keyed by local date, so DST shifts neither
+            // skip nor repeat it, and several replicas enqueue it once.
+            jobs.add("daily_digest", "0 * * * * *", digest_metrics, move || {
+                let store = digest_store.clone();
+                async move {
+                    let local = chrono::Local::now();
+                    let due = chrono::Timelike::hour(&local) * 60
+                        + chrono::Timelike::minute(&local)
+                        >= hour * 60 + minute;
+                    if !due {
+                        return;
+                    }
+                    let date = local.format("%Y-%m-%d").to_string();
+                    match store.enqueue_daily_digest(&date, now_millis()).await {
+                        Ok(true) => tracing::debug!(%date, "daily digest enqueued (once per date)"),
+                        Ok(false) => {}
+                        Err(error) => tracing::error!(%error, "cannot enqueue the daily digest"),
+                    }
+                }
+            })
+            .await?;
+        }
         jobs.scheduler.start().await?;
         Ok(jobs)
     }

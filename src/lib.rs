@@ -3,6 +3,7 @@
 //! Modules in reading order: the vocabulary, the config, the pure judgement, then the
 //! parts that do I/O, and finally the assembly.
 
+pub mod alert;
 pub mod app;
 pub mod classify;
 pub mod commands;

@@ -41,6 +41,14 @@ enum Command {
     },
     /// Create or update the database schema.
     Migrate(ConfigArg),
+    /// Send one test email with the [email] settings.
+    SendTestEmail {
+        /// The recipient.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// A self-contained tour: simulated platform, a credential change, detection, recovery.
     Demo,
 }
@@ -109,6 +117,15 @@ async fn dispatch(command: Command) -> ExitCode {
             Ok(loaded) => {
                 init_logging(loaded.log.format, "warn");
                 commands::status(&loaded, json, &mut out)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
+            Err(code) => return code,
+        },
+        Command::SendTestEmail { to, config } => match load(&config) {
+            Ok(loaded) => {
+                init_logging(loaded.log.format, "warn");
+                commands::send_test_email(&loaded, &to, &mut out)
                     .await
                     .map(|()| ExitCode::SUCCESS)
             }

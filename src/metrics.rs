@@ -46,7 +46,24 @@ pub struct Metrics {
     pub relay_outbox_pending: IntGauge,
     /// `connwatch_relay_outbox_dead`.
     pub relay_outbox_dead: IntGauge,
+    /// `connwatch_emails_total{kind,result}`.
+    pub emails: IntCounterVec,
+    /// `connwatch_email_outbox_pending`.
+    pub email_outbox_pending: IntGauge,
+    /// `connwatch_email_outbox_oldest_pending_age_seconds`.
+    pub email_outbox_oldest_age: Gauge,
 }
+
+/// Kinds of `connwatch_emails_total`.
+pub const EMAIL_KINDS: [&str; 5] = [
+    "reauth_required",
+    "reminder",
+    "resolved",
+    "unreachable",
+    "staff_digest",
+];
+/// Results of `connwatch_emails_total`.
+pub const EMAIL_RESULTS: [&str; 3] = ["sent", "failed", "rejected"];
 
 /// Results of `connwatch_webhooks_received_total`.
 pub const WEBHOOK_RESULTS: [&str; 6] = [
@@ -184,6 +201,25 @@ impl Metrics {
             "connwatch_relay_outbox_pending",
             "Recovered changes waiting to be relayed.",
         );
+        let emails = counter(
+            "connwatch_emails_total",
+            "Email delivery attempts by kind and result (failed: retried; rejected: 5xx, given up).",
+            &["kind", "result"],
+        );
+        for kind in EMAIL_KINDS {
+            for result in EMAIL_RESULTS {
+                emails.with_label_values(&[kind, result]);
+            }
+        }
+        let email_outbox_pending = gauge(
+            "connwatch_email_outbox_pending",
+            "Emails waiting in the outbox (including reminders not yet due).",
+        );
+        let email_outbox_oldest_age = Gauge::new(
+            "connwatch_email_outbox_oldest_pending_age_seconds",
+            "How long the oldest due email has been waiting to be sent.",
+        )
+        .expect("valid metric");
         let relay_outbox_dead = gauge(
             "connwatch_relay_outbox_dead",
             "Recovered changes given up on after the last relay attempt.",
@@ -208,6 +244,9 @@ impl Metrics {
             Box::new(relay.clone()),
             Box::new(relay_outbox_pending.clone()),
             Box::new(relay_outbox_dead.clone()),
+            Box::new(emails.clone()),
+            Box::new(email_outbox_pending.clone()),
+            Box::new(email_outbox_oldest_age.clone()),
         ] {
             registry.register(collector).expect("unique metric");
         }
@@ -239,6 +278,9 @@ impl Metrics {
             relay,
             relay_outbox_pending,
             relay_outbox_dead,
+            emails,
+            email_outbox_pending,
+            email_outbox_oldest_age,
         }
     }
 

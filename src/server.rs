@@ -36,6 +36,8 @@ pub fn admin_router(state: AdminState) -> Router {
         .route("/api/v1/connections", get(list_connections))
         .route("/api/v1/connections/{id}", get(connection_detail))
         .route("/api/v1/connections/{id}/probe", post(probe_connection))
+        .route("/api/v1/connections/{id}/pause", post(pause_connection))
+        .route("/api/v1/connections/{id}/resume", post(resume_connection))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -162,6 +164,41 @@ async fn probe_connection(State(state): State<AdminState>, Path(raw): Path<Strin
         ),
         Err(ProbeNowError::Store(failure)) => {
             tracing::error!(connection_id = %id, error = %failure, "probe not stored");
+            error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable".into())
+        }
+    }
+}
+
+async fn pause_connection(state: State<AdminState>, raw: Path<String>) -> Response {
+    set_pause(state, raw, true).await
+}
+
+async fn resume_connection(state: State<AdminState>, raw: Path<String>) -> Response {
+    set_pause(state, raw, false).await
+}
+
+/// Pausing silences a connection: still probed, no transitions, no emails; pending emails
+/// of its open incident are cancelled.
+async fn set_pause(
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    paused: bool,
+) -> Response {
+    let id = match parse_id(&raw) {
+        Ok(id) => id,
+        Err(response) => return *response,
+    };
+    match state
+        .store
+        .set_operator_pause(&id, paused, now_millis())
+        .await
+    {
+        Ok(Some(health)) => {
+            Json(json!({ "id": id, "paused": paused, "health": health })).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no connection with id {id}")),
+        Err(failure) => {
+            tracing::error!(connection_id = %id, error = %failure, "cannot change pause");
             error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable".into())
         }
     }

@@ -29,6 +29,8 @@ fn sync(raw: &str, first_due: i64) -> SyncConnection {
         paused: false,
         first_due,
         expected_webhook_ms: Some(60_000),
+        contacts: vec![format!("it@{raw}.example")],
+        reconnect_url: Some(format!("https://app.example.com/{raw}/reconnect")),
     }
 }
 

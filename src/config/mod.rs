@@ -11,6 +11,7 @@ mod validate;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
 pub use secret::{SecretError, SecretRef};
@@ -31,6 +32,48 @@ pub struct Config {
     pub log: LogConfig,
     pub webhooks: WebhooksConfig,
     pub relay: Option<RelayConfig>,
+    pub email: Option<EmailConfig>,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// `smtps://`: TLS from the first byte.
+    Implicit,
+    /// `smtp://…?tls=required`: STARTTLS or no mail at all.
+    StartTlsRequired,
+    /// `smtp://` (default): STARTTLS when the server offers it.
+    StartTlsOpportunistic,
+    /// `smtp://…?tls=none`: clear text (a local relay).
+    None,
+}
+
+/// Reauthorization emails (`[email]`).
+#[derive(Debug, Clone)]
+pub struct EmailConfig {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: Option<String>,
+    pub password: Option<SecretRef>,
+    /// `Name <address>` as written.
+    pub from: String,
+    pub staff: Vec<EmailAddress>,
+    /// Delays after the incident opened at which reminders go out.
+    pub reminders: Vec<Duration>,
+    pub send_resolved: bool,
+    pub templates: Option<PathBuf>,
+    pub timeout: Duration,
+    /// Extra CA certificate (PEM) trusted for the SMTP server.
+    pub ca_file: Option<PathBuf>,
+    /// Per-connection emails wait this long, so a platform-wide storm is recognised first
+    /// and a flap shorter than this sends nothing.
+    pub hold: Duration,
+    pub storm_window: Duration,
+    pub storm_min_connections: u32,
+    pub storm_share: f64,
+    /// Local time (`HH:MM`) of the daily staff digest of open incidents; off when unset.
+    pub daily_digest: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone)]

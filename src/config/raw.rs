@@ -59,6 +59,26 @@ pub struct RawWebhooks {
 }
 
 #[derive(Debug, Deserialize)]
+pub struct RawEmail {
+    pub smtp_url: String,
+    pub username: Option<String>,
+    pub password: Option<SecretRef>,
+    pub from: String,
+    #[serde(default)]
+    pub staff: Vec<String>,
+    pub reminders: Option<Vec<String>>,
+    pub send_resolved: Option<bool>,
+    pub templates: Option<String>,
+    pub timeout: Option<String>,
+    pub ca_file: Option<String>,
+    pub hold: Option<String>,
+    pub storm_window: Option<String>,
+    pub storm_min_connections: Option<u32>,
+    pub storm_share: Option<f64>,
+    pub daily_digest: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
 pub struct RawRelay {
     pub url: String,
     pub secret: SecretRef,
@@ -141,4 +161,5 @@ pub const SECTIONS: &[&str] = &[
     "log",
     "webhooks",
     "relay",
+    "email",
 ];

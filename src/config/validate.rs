@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -9,13 +10,13 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::raw::{
-    RawChanges, RawConnection, RawLog, RawPlatform, RawPlatformWebhooks, RawProbe, RawRelay,
-    RawServer, RawStore, RawWebhooks, SECTIONS,
+    RawChanges, RawConnection, RawEmail, RawLog, RawPlatform, RawPlatformWebhooks, RawProbe,
+    RawRelay, RawServer, RawStore, RawWebhooks, SECTIONS,
 };
 use super::{
-    ChangesConfig, Config, ConnectionConfig, LogConfig, LogFormat, PlatformConfig,
+    ChangesConfig, Config, ConnectionConfig, EmailConfig, LogConfig, LogFormat, PlatformConfig,
     PlatformWebhooks, ProbeConfig, Problem, RelayConfig, SecretRef, ServerConfig, SignatureScheme,
-    StoreConfig, WebhooksConfig,
+    SmtpSecurity, StoreConfig, WebhooksConfig,
 };
 use crate::domain::{ConnectionId, EmailAddress};
 use crate::webhook::verify::decode_standard_secret;
@@ -231,6 +232,11 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
     };
     let webhooks = webhooks(&mut checker, raw_webhooks);
     let relay = raw_relay.and_then(|raw| relay(&mut checker, raw));
+    let raw_email: Option<RawEmail> = match take("email") {
+        Some(value) => checker.section(value, &[key("email")]),
+        None => None,
+    };
+    let email = raw_email.map(|raw| email(&mut checker, raw));
     let store = store(&mut checker, raw_store);
     let server = server(&mut checker, raw_server);
     let probe = probe(&mut checker, raw_probe);
@@ -296,6 +302,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             log,
             webhooks,
             relay,
+            email,
         })
     } else {
         Err(checker.problems)
@@ -411,6 +418,150 @@ fn webhooks(checker: &mut Checker, raw: RawWebhooks) -> WebhooksConfig {
         poll_interval,
         overlap,
         retention,
+    }
+}
+
+fn email(checker: &mut Checker, raw: RawEmail) -> EmailConfig {
+    let path = |name: &str| [key("email"), key(name)];
+    let (host, port, security) = match reqwest::Url::parse(&raw.smtp_url) {
+        Ok(url) if matches!(url.scheme(), "smtp" | "smtps") && url.host_str().is_some() => {
+            let tls = url
+                .query_pairs()
+                .find(|(name, _)| name == "tls")
+                .map(|(_, value)| value.into_owned());
+            let security = match (url.scheme(), tls.as_deref()) {
+                ("smtps", None) => SmtpSecurity::Implicit,
+                ("smtp", None | Some("opportunistic")) => SmtpSecurity::StartTlsOpportunistic,
+                ("smtp", Some("required")) => SmtpSecurity::StartTlsRequired,
+                ("smtp", Some("none")) => SmtpSecurity::None,
+                (_, Some(other)) => {
+                    checker.problem(
+                        &path("smtp_url"),
+                        format!(
+                            "tls={other:?}: use required, opportunistic or none (smtp:// only)"
+                        ),
+                    );
+                    SmtpSecurity::StartTlsRequired
+                }
+                _ => SmtpSecurity::StartTlsRequired,
+            };
+            let default_port = if security == SmtpSecurity::Implicit {
+                465
+            } else {
+                25
+            };
+            let host = url
+                .host_str()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_owned();
+            (host, url.port().unwrap_or(default_port), security)
+        }
+        _ => {
+            checker.problem(
+                &path("smtp_url"),
+                format!(
+                    "{:?} is not like smtp://host:port or smtps://host:port",
+                    raw.smtp_url
+                ),
+            );
+            (String::new(), 25, SmtpSecurity::StartTlsRequired)
+        }
+    };
+    if raw.from.parse::<lettre::message::Mailbox>().is_err() {
+        checker.problem(
+            &path("from"),
+            format!("{:?} is not like \"Name <address@example.com>\"", raw.from),
+        );
+    }
+    let mut staff = Vec::new();
+    for (index, address) in raw.staff.iter().enumerate() {
+        match EmailAddress::parse(address) {
+            Ok(address) => staff.push(address),
+            Err(message) => checker.problem(
+                &[key("email"), key("staff"), Segment::Index(index)],
+                message,
+            ),
+        }
+    }
+    if let Some(password) = &raw.password {
+        checker.secret_readable(&path("password"), password);
+        if raw.username.is_none() {
+            checker.problem(&path("username"), "required when a password is set");
+        }
+    }
+    let reminder_texts = raw
+        .reminders
+        .unwrap_or_else(|| vec!["24h".into(), "72h".into()]);
+    let mut reminders = Vec::new();
+    for (index, text) in reminder_texts.iter().enumerate() {
+        reminders.push(checker.duration(
+            &[key("email"), key("reminders"), Segment::Index(index)],
+            Some(text),
+            "24h",
+        ));
+    }
+    let templates = raw.templates.map(PathBuf::from);
+    if let Some(folder) = &templates {
+        if let Err(message) = crate::alert::templates::Templates::load(Some(folder)) {
+            checker.problem(&path("templates"), message);
+        }
+    }
+    let ca_file = raw.ca_file.map(PathBuf::from);
+    if let Some(file) = &ca_file {
+        match std::fs::read(file) {
+            Ok(pem) if pem.windows(11).any(|window| window == b"CERTIFICATE") => {}
+            Ok(_) => checker.problem(&path("ca_file"), "no PEM certificate in the file"),
+            Err(error) => checker.problem(
+                &path("ca_file"),
+                format!("cannot read {}: {error}", file.display()),
+            ),
+        }
+    }
+    let timeout = checker.duration(&path("timeout"), raw.timeout.as_deref(), "30s");
+    let hold = checker.duration(&path("hold"), raw.hold.as_deref(), "60s");
+    let storm_window = checker.duration(&path("storm_window"), raw.storm_window.as_deref(), "10m");
+    let storm_min_connections = checker.positive(
+        &path("storm_min_connections"),
+        raw.storm_min_connections,
+        10,
+    );
+    let storm_share = raw.storm_share.unwrap_or(0.5);
+    if !(storm_share > 0.0 && storm_share <= 1.0) {
+        checker.problem(&path("storm_share"), "a share between 0 (excluded) and 1");
+    }
+    let daily_digest = raw.daily_digest.and_then(|text| {
+        let parsed = text.split_once(':').and_then(|(hours, minutes)| {
+            let hours: u32 = hours.parse().ok()?;
+            let minutes: u32 = minutes.parse().ok()?;
+            (hours < 24 && minutes < 60).then_some((hours, minutes))
+        });
+        if parsed.is_none() {
+            checker.problem(
+                &path("daily_digest"),
+                format!("{text:?} is not a local time like \"08:30\""),
+            );
+        }
+        parsed
+    });
+    EmailConfig {
+        host,
+        port,
+        security,
+        username: raw.username,
+        password: raw.password,
+        from: raw.from,
+        staff,
+        reminders,
+        send_resolved: raw.send_resolved.unwrap_or(true),
+        templates,
+        timeout,
+        ca_file,
+        hold,
+        storm_window,
+        storm_min_connections,
+        storm_share,
+        daily_digest,
     }
 }
 

@@ -4,6 +4,7 @@
 //! times as i64 milliseconds); where they differ (row locks, write transactions) the
 //! difference stays in this module. Migrations live in `migrations/{sqlite,postgres}`.
 
+mod outbox;
 mod probes;
 mod read;
 mod webhooks;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Transaction};
 
+pub use outbox::{EmailJob, MailPolicy, StormChange};
 pub use probes::{Claimed, ProbeRecord, SyncConnection};
 pub use read::{ConnectionDetail, ConnectionSummary, IncidentRow, ProbeRow, TransitionRow};
 pub use webhooks::{PollClaim, PolledChange, RelayMessage, WebhookDelivery, WebhookStored};
@@ -50,6 +52,8 @@ pub enum StoreError {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Who gets which email; `None` when `[email]` is not configured (no outbox rows).
+    mail: std::sync::Arc<std::sync::RwLock<Option<MailPolicy>>>,
 }
 
 impl Store {
@@ -85,7 +89,11 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            mail: Default::default(),
+        })
     }
 
     /// Brings the schema up to date.
@@ -99,6 +107,15 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Sets who gets which email (start-up and reload).
+    pub fn set_mail_policy(&self, policy: Option<MailPolicy>) {
+        *self.mail.write().expect("mail policy lock") = policy;
+    }
+
+    pub fn mail_policy(&self) -> Option<MailPolicy> {
+        self.mail.read().expect("mail policy lock").clone()
     }
 
     pub fn backend(&self) -> Backend {

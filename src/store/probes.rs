@@ -3,6 +3,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use super::outbox::{self, MailPolicy};
 use super::{Backend, Store, StoreError};
 use crate::classify::{ConnectionState, Verdict};
 use crate::domain::{Cause, ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
@@ -17,6 +18,9 @@ pub struct SyncConnection {
     pub paused: bool,
     /// First due time for a connection the store has not seen yet.
     pub first_due: Millis,
+    /// The customer's contacts (email addresses).
+    pub contacts: Vec<String>,
+    pub reconnect_url: Option<String>,
     /// Expected time between webhooks; `None` when its platform sends none.
     pub expected_webhook_ms: Option<Millis>,
 }
@@ -55,6 +59,7 @@ impl Store {
         connections: &[SyncConnection],
         now: Millis,
     ) -> Result<u64, StoreError> {
+        let mail = self.mail_policy();
         let mut transaction = self.begin_write().await?;
         let generation: i64 =
             sqlx::query("SELECT COALESCE(MAX(config_generation), 0) + 1 FROM connections")
@@ -68,17 +73,20 @@ impl Store {
             } else {
                 "unknown"
             };
-            let existing: Option<(String, i64)> =
-                sqlx::query_as("SELECT health, paused FROM connections WHERE id = $1")
-                    .bind(connection.id.as_str())
-                    .fetch_optional(&mut *transaction)
-                    .await?;
+            let contacts = connection.contacts.join("\n");
+            let existing: Option<(String, i64, i64)> = sqlx::query_as(
+                "SELECT health, paused, operator_paused FROM connections WHERE id = $1",
+            )
+            .bind(connection.id.as_str())
+            .fetch_optional(&mut *transaction)
+            .await?;
             match existing {
                 None => {
                     sqlx::query(
                         "INSERT INTO connections (id, name, platform, remote_id, active, \
                          config_generation, paused, health, health_since, next_due, created_at, \
-                         expected_webhook_ms) VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $8, $10)",
+                         expected_webhook_ms, contacts, reconnect_url) \
+                         VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $8, $10, $11, $12)",
                     )
                     .bind(connection.id.as_str())
                     .bind(&connection.name)
@@ -90,14 +98,16 @@ impl Store {
                     .bind(now)
                     .bind(connection.first_due)
                     .bind(connection.expected_webhook_ms)
+                    .bind(&contacts)
+                    .bind(connection.reconnect_url.as_deref())
                     .execute(&mut *transaction)
                     .await?;
                 }
-                Some((health, was_paused)) => {
+                Some((health, was_paused, operator_paused)) => {
                     sqlx::query(
                         "UPDATE connections SET name = $2, platform = $3, remote_id = $4, \
-                         active = 1, config_generation = $5, paused = $6, expected_webhook_ms = $7 \
-                         WHERE id = $1",
+                         active = 1, config_generation = $5, paused = $6, expected_webhook_ms = $7, \
+                         contacts = $8, reconnect_url = $9 WHERE id = $1",
                     )
                     .bind(connection.id.as_str())
                     .bind(&connection.name)
@@ -106,17 +116,28 @@ impl Store {
                     .bind(generation)
                     .bind(paused)
                     .bind(connection.expected_webhook_ms)
+                    .bind(&contacts)
+                    .bind(connection.reconnect_url.as_deref())
                     .execute(&mut *transaction)
                     .await?;
-                    if (was_paused != 0) != connection.paused {
+                    let was = was_paused != 0 || operator_paused != 0;
+                    let now_paused = connection.paused || operator_paused != 0;
+                    if was != now_paused {
                         let from = parse_health(&health)?;
-                        let to = if connection.paused {
+                        let to = if now_paused {
                             Health::Paused
                         } else {
                             Health::Unknown
                         };
-                        set_health_by_operator(&mut transaction, &connection.id, from, to, now)
-                            .await?;
+                        set_health_by_operator(
+                            &mut transaction,
+                            mail.as_ref(),
+                            &connection.id,
+                            from,
+                            to,
+                            now,
+                        )
+                        .await?;
                     }
                 }
             }
@@ -192,6 +213,7 @@ impl Store {
     /// transitions, incidents; releases the leases. A record whose lease was lost
     /// (expired and taken by another replica) is dropped. Returns the records applied.
     pub async fn record_probes(&self, records: &[ProbeRecord]) -> Result<usize, StoreError> {
+        let mail = self.mail_policy();
         let mut transaction = self.begin_write().await?;
         let mut applied = 0;
         for record in records {
@@ -247,7 +269,7 @@ impl Store {
                 .await?;
             }
             if let Some(transition) = &record.verdict.transition {
-                apply_transition(&mut transaction, &record.id, transition).await?;
+                apply_transition(&mut transaction, mail.as_ref(), &record.id, transition).await?;
             }
         }
         transaction.commit().await?;
@@ -283,6 +305,7 @@ impl Store {
 /// Stores a transition and opens or closes the incident it implies.
 pub(super) async fn apply_transition(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    mail: Option<&MailPolicy>,
     id: &ConnectionId,
     transition: &Transition,
 ) -> Result<(), StoreError> {
@@ -302,13 +325,19 @@ pub(super) async fn apply_transition(
     .execute(&mut **transaction)
     .await?;
     if transition.from.is_incident() && transition.from != transition.to {
-        sqlx::query(
-            "UPDATE incidents SET closed_at = $2 WHERE connection_id = $1 AND closed_at IS NULL",
+        let closed: Vec<(i64,)> = sqlx::query_as(
+            "UPDATE incidents SET closed_at = $2 WHERE connection_id = $1 AND closed_at IS NULL \
+             RETURNING id",
         )
         .bind(id.as_str())
         .bind(transition.at)
-        .execute(&mut **transaction)
+        .fetch_all(&mut **transaction)
         .await?;
+        if let Some(policy) = mail {
+            for (incident_id,) in closed {
+                outbox::plan_closed(transaction, policy, incident_id, transition).await?;
+            }
+        }
         sqlx::query("UPDATE connections SET open_incident_id = NULL WHERE id = $1")
             .bind(id.as_str())
             .execute(&mut **transaction)
@@ -333,13 +362,17 @@ pub(super) async fn apply_transition(
             .bind(incident_id)
             .execute(&mut **transaction)
             .await?;
+        if let Some(policy) = mail {
+            outbox::plan_opened(transaction, policy, id, incident_id, transition).await?;
+        }
     }
     Ok(())
 }
 
 /// An operator action (pause, resume) changes health outside classification.
-async fn set_health_by_operator(
+pub(super) async fn set_health_by_operator(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    mail: Option<&MailPolicy>,
     id: &ConnectionId,
     from: Health,
     to: Health,
@@ -368,7 +401,7 @@ async fn set_health_by_operator(
         error_code: None,
         request_id: None,
     };
-    apply_transition(transaction, id, &transition).await
+    apply_transition(transaction, mail, id, &transition).await
 }
 
 pub(super) fn parse_health(raw: &str) -> Result<Health, StoreError> {

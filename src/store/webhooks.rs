@@ -79,6 +79,7 @@ impl Store {
         &self,
         deliveries: &[WebhookDelivery],
     ) -> Result<Vec<WebhookStored>, StoreError> {
+        let mail = self.mail_policy();
         let mut transaction = self.begin_write().await?;
         let mut results = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
@@ -135,6 +136,7 @@ impl Store {
             if quiet != 0 {
                 apply_transition(
                     &mut transaction,
+                    mail.as_ref(),
                     &id,
                     &quiet_transition(health, Cause::WebhooksResumed, now),
                 )
@@ -169,7 +171,7 @@ impl Store {
                     .bind(now)
                     .execute(&mut *transaction)
                     .await?;
-                    apply_transition(&mut transaction, &id, &transition).await?;
+                    apply_transition(&mut transaction, mail.as_ref(), &id, &transition).await?;
                     entered = Some(Health::NeedsReauth);
                 }
             }
@@ -212,7 +214,7 @@ impl Store {
         for (raw_id, health) in rows {
             let id = parse_id(&raw_id)?;
             let transition = quiet_transition(parse_health(&health)?, Cause::Quiet, now);
-            apply_transition(&mut transaction, &id, &transition).await?;
+            apply_transition(&mut transaction, None, &id, &transition).await?;
             quiet.push(id);
         }
         transaction.commit().await?;

@@ -1,0 +1,231 @@
+//! The outbox dispatcher: claims due emails with a lease, renders, sends, marks them;
+//! retries with exponential backoff and jitter; recognises platform storms; enqueues the
+//! daily staff digest.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::Mailer;
+use super::templates::{Audience, Templates, escape_html};
+use crate::config::EmailConfig;
+use crate::domain::wire;
+use crate::metrics::Metrics;
+use crate::relay::backoff_ms;
+use crate::schedule::millis;
+use crate::store::{EmailJob, Store, StormChange, now_millis};
+
+/// Drains the email outbox.
+pub struct Dispatcher {
+    pub store: Store,
+    pub mailer: Mailer,
+    pub templates: Templates,
+    pub settings: EmailConfig,
+    pub metrics: Metrics,
+    pub owner: String,
+}
+
+impl Dispatcher {
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            let now = now_millis();
+            self.check_storms(now).await;
+            let lease_until = now + 2 * millis(self.settings.timeout) + 30_000;
+            let jobs = match self
+                .store
+                .claim_emails(now, 16, &self.owner, lease_until)
+                .await
+            {
+                Ok(jobs) => jobs,
+                Err(error) => {
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&["claim_emails"])
+                        .inc();
+                    tracing::error!(%error, "cannot claim emails");
+                    Vec::new()
+                }
+            };
+            let busy = !jobs.is_empty();
+            for job in jobs {
+                let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
+                let _entered = span.enter();
+                self.deliver(job).await;
+            }
+            self.refresh_gauges().await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            if !busy {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+
+    async fn check_storms(&self, now: i64) {
+        let changes = self
+            .store
+            .update_storms(
+                now,
+                millis(self.settings.storm_window),
+                i64::from(self.settings.storm_min_connections),
+                self.settings.storm_share,
+            )
+            .await;
+        match changes {
+            Ok(changes) => {
+                for change in changes {
+                    match change {
+                        StormChange::Began {
+                            platform,
+                            connections,
+                        } => tracing::warn!(
+                            %platform, connections,
+                            "many connections of one platform failing at once: staff digest sent, customer emails held"
+                        ),
+                        StormChange::Ended { platform } => tracing::info!(
+                            %platform, "platform storm over: held emails of connections still broken are released"
+                        ),
+                    }
+                }
+            }
+            Err(error) => {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["update_storms"])
+                    .inc();
+                tracing::error!(%error, "cannot check for platform storms");
+            }
+        }
+    }
+
+    async fn deliver(&self, job: EmailJob) {
+        let audience = Audience::parse(&job.audience).unwrap_or(Audience::Staff);
+        let Some(rendered) = self.templates.render(&job.kind, audience, &values(&job)) else {
+            tracing::error!(kind = %job.kind, audience = %job.audience, "no template; email failed");
+            let _ = self
+                .store
+                .mark_email_failed(job.id, &self.owner, "no template", None)
+                .await;
+            return;
+        };
+        let sent = self
+            .mailer
+            .send(&job.recipient, &job.message_id, &rendered)
+            .await;
+        let now = now_millis();
+        let (result, stored) = match sent {
+            Ok(()) => (
+                "sent",
+                self.store.mark_email_sent(job.id, &self.owner, now).await,
+            ),
+            Err(failure) if failure.permanent => {
+                tracing::error!(reason = %failure.message, "SMTP refused the email for good");
+                (
+                    "rejected",
+                    self.store
+                        .mark_email_failed(job.id, &self.owner, &failure.message, None)
+                        .await,
+                )
+            }
+            Err(failure) => {
+                let retry_at = now + backoff_ms(job.attempts + 1);
+                tracing::warn!(reason = %failure.message, attempts = job.attempts + 1, "email not sent; retrying later");
+                (
+                    "failed",
+                    self.store
+                        .mark_email_failed(job.id, &self.owner, &failure.message, Some(retry_at))
+                        .await,
+                )
+            }
+        };
+        self.metrics
+            .emails
+            .with_label_values(&[job.kind.as_str(), result])
+            .inc();
+        if let Err(error) = stored {
+            // The lease expires and the email is sent again, with the same Message-ID.
+            tracing::error!(%error, "cannot record the email's delivery");
+        }
+    }
+
+    async fn refresh_gauges(&self) {
+        let now = now_millis();
+        match self.store.outbox_stats(now).await {
+            Ok((pending, oldest)) => {
+                self.metrics.email_outbox_pending.set(pending);
+                let age = oldest
+                    .map(|due| (now - due).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                self.metrics.email_outbox_oldest_age.set(age);
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the outbox size"),
+        }
+    }
+}
+
+/// The placeholder values of one email.
+fn values(job: &EmailJob) -> BTreeMap<&'static str, String> {
+    let mut values = BTreeMap::new();
+    let mut put = |name: &'static str, value: Option<String>| {
+        if let Some(value) = value {
+            values.insert(name, value);
+        }
+    };
+    put("connection_id", job.connection_id.clone());
+    put(
+        "connection_name",
+        job.connection_name
+            .clone()
+            .or_else(|| job.connection_id.clone()),
+    );
+    put("platform", job.platform.clone());
+    put("reconnect_url", job.reconnect_url.clone());
+    put("since", job.first_failure_at.map(wire::rfc3339));
+    put("error_code", job.error_code.clone());
+    put("request_id", job.request_id.clone());
+    put("incident_id", job.incident_id.map(|id| id.to_string()));
+    put("reminder_number", Some(job.sequence.to_string()));
+    put("resolved_at", job.closed_at.map(wire::rfc3339));
+    put("last_message", job.last_message.clone());
+    put("remote_id", job.remote_id.clone());
+    if let Some(payload) = job
+        .payload
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+    {
+        let listed = payload["connections"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let field = |entry: &Value, name: &str| entry[name].as_str().unwrap_or("-").to_owned();
+        let lines: Vec<String> = listed
+            .iter()
+            .map(|entry| {
+                format!(
+                    "- {} ({}) on {}: {} since {}, error {}",
+                    field(entry, "id"),
+                    field(entry, "name"),
+                    field(entry, "platform"),
+                    field(entry, "kind"),
+                    field(entry, "since"),
+                    field(entry, "error_code")
+                )
+            })
+            .collect();
+        let items: Vec<String> = lines
+            .iter()
+            .map(|line| format!("<li>{}</li>", escape_html(line.trim_start_matches("- "))))
+            .collect();
+        put("title", payload["title"].as_str().map(str::to_owned));
+        put("count", Some(listed.len().to_string()));
+        put("connections", Some(lines.join("\n")));
+        put("connections_html", Some(items.join("\n")));
+    }
+    values
+}
