@@ -30,6 +30,7 @@ BB_CONCS=${BB_CONCS:-"64 256"} BURST_CONC=${BURST_CONC:-256} BG_MAX=${BG_MAX:-10
 WH_CONC=${WH_CONC:-64} WH_THREADS=${WH_THREADS:-1} WH_CONNS=${WH_CONNS:-16}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 HZ=$(getconf CLK_TCK) NCPU=$(nproc)
+export PGOPTIONS='-c client_min_messages=warning' 
 NGX_PORT=18080 BB_PORT=9115 ADMIN_PORT=19464 WH_PORT=18090
 TARGET=http://127.0.0.1:$NGX_PORT/v1/connection
 PROBE="http://127.0.0.1:$BB_PORT/probe?module=api_bearer&target=$TARGET"

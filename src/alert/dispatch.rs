@@ -32,7 +32,7 @@ impl Dispatcher {
         loop {
             let now = now_millis();
             self.check_storms(now).await;
-            let lease_until = now + 2 * millis(self.settings.timeout) + 30_000;
+            let lease_until = now + 2 * millis(self.settings.timeout) + 5_000;
             let jobs = match self
                 .store
                 .claim_emails(now, 16, &self.owner, lease_until)

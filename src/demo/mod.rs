@@ -3,6 +3,7 @@
 //! Three customer connections; one customer changes their password; connwatch notices,
 //! records why, and recovers when the customer reconnects and the token file is rotated.
 
+pub mod mailbox;
 pub mod platform;
 
 use std::io::Write;
@@ -51,7 +52,10 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         platform.set(&token, Behaviour::Healthy);
         std::fs::write(folder.join(format!("{id}.token")), &token)?;
     }
-    let config = Config::parse(&demo_config(folder, &platform.base_url()))
+    let mailbox = mailbox::Mailbox::start()
+        .await
+        .context("cannot start the demo mailbox")?;
+    let config = Config::parse(&demo_config(folder, &platform.base_url(), mailbox.port))
         .map_err(|problems| anyhow::anyhow!("demo config invalid: {problems:?}"))?;
     let running = app::start(config, Hooks::default()).await?;
     let mut events = running.events.subscribe();
@@ -92,6 +96,12 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         "\nconnwatch confirmed the auth failure (2 in a row, a quick re-probe in between): ACME must reconnect."
     )?;
     print_status(&running, out).await?;
+    let customer_email = wait_for_email(&mailbox, "it@acme.example", "Action needed").await?;
+    writeln!(
+        out,
+        "\nThe email ACME's contact receives (captured by the demo's mailbox):"
+    )?;
+    print_email(&customer_email, out)?;
 
     writeln!(
         out,
@@ -130,6 +140,24 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
             incident.request_id.as_deref().unwrap_or("-"),
         )?;
     }
+    let resolved = wait_for_email(&mailbox, "it@acme.example", "Resolved").await?;
+    writeln!(out, "\nAnd the recovery notice:")?;
+    print_email(&resolved, out)?;
+    let staff = mailbox
+        .messages()
+        .iter()
+        .filter(|message| {
+            message
+                .to
+                .iter()
+                .any(|to| to == "oncall@yourcompany.example")
+        })
+        .count();
+    writeln!(
+        out,
+        "\nStaff (oncall@yourcompany.example) got {staff} email(s) with the internal details: the platform's \
+         error message and the request id."
+    )?;
     writeln!(
         out,
         "\nThe tokens never appeared in any output above. Tour finished."
@@ -195,7 +223,39 @@ async fn print_status(running: &Running, out: &mut impl Write) -> anyhow::Result
     Ok(())
 }
 
-fn demo_config(folder: &Path, base_url: &str) -> String {
+async fn wait_for_email(
+    mailbox: &mailbox::Mailbox,
+    recipient: &str,
+    subject_start: &str,
+) -> anyhow::Result<mailbox::Captured> {
+    for _ in 0..200 {
+        let found = mailbox.messages().into_iter().find(|message| {
+            message.to.iter().any(|to| to == recipient)
+                && message.header("Subject").starts_with(subject_start)
+        });
+        if let Some(message) = found {
+            return Ok(message);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no {subject_start:?} email reached {recipient}")
+}
+
+fn print_email(message: &mailbox::Captured, out: &mut impl Write) -> anyhow::Result<()> {
+    let rule = "  ".to_owned() + &"-".repeat(72);
+    writeln!(out, "{rule}")?;
+    writeln!(out, "  From:    {}", message.header("From"))?;
+    writeln!(out, "  To:      {}", message.header("To"))?;
+    writeln!(out, "  Subject: {}", message.header("Subject"))?;
+    writeln!(out)?;
+    for line in message.text().lines() {
+        writeln!(out, "  {line}")?;
+    }
+    writeln!(out, "{rule}")?;
+    Ok(())
+}
+
+fn demo_config(folder: &Path, base_url: &str, smtp_port: u16) -> String {
     let mut text = format!(
         r#"
 [store]
@@ -219,6 +279,13 @@ auth_failure_codes = ["AUTHENTICATION_FAILED"]
 reauth_pointer = "/status"
 reauth_values = ["reauthorization_required"]
 request_id_header = "x-request-id"
+
+[email]
+smtp_url = "smtp://127.0.0.1:{smtp_port}?tls=none"
+from = "Connection Monitor <alerts@yourcompany.example>"
+staff = ["oncall@yourcompany.example"]
+hold = "100ms"
+reminders = ["24h"]
 "#,
         db = folder.join("connwatch.db").display()
     );

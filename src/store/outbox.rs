@@ -52,6 +52,10 @@ pub enum StormChange {
     Ended { platform: String },
 }
 
+/// The share rule of storms needs at least this many failing connections: a platform with
+/// three customers, two of them broken, still tells those two customers.
+pub const STORM_SHARE_FLOOR: i64 = 5;
+
 const OPENING_KINDS: &str = "('reauth_required', 'unreachable')";
 const PER_CONNECTION_KINDS: &str = "('reauth_required', 'reminder', 'unreachable')";
 
@@ -280,6 +284,17 @@ impl Store {
             .bind(id)
             .fetch_one(&self.pool)
             .await?;
+            let mut payload: Option<String> = row.try_get(7)?;
+            if let Some(text) = payload.as_deref()
+                && let Ok(mut value) = serde_json::from_str::<serde_json::Value>(text)
+            {
+                let platform = value["platform"].as_str().map(str::to_owned);
+                let mut connection = self.pool.acquire().await?;
+                let mut read = sqlx::Connection::begin(&mut *connection).await?;
+                value["connections"] = json!(open_incidents(&mut read, platform.as_deref()).await?);
+                read.rollback().await?;
+                payload = Some(value.to_string());
+            }
             jobs.push(EmailJob {
                 id: row.try_get(0)?,
                 message_id: row.try_get(1)?,
@@ -288,7 +303,7 @@ impl Store {
                 recipient: row.try_get(4)?,
                 sequence: row.try_get(5)?,
                 attempts: row.try_get(6)?,
-                payload: row.try_get(7)?,
+                payload,
                 connection_id: row.try_get(8)?,
                 connection_name: row.try_get(9)?,
                 platform: row.try_get(10)?,
@@ -391,7 +406,7 @@ impl Store {
 
     /// Starts and ends storms. A storm begins when at least `min` connections of one
     /// platform opened an incident within `window`, or at least `share` of its connections
-    /// (and 3 or more) did; staff then get one digest. It ends when the platform's open
+    /// (and `STORM_SHARE_FLOOR` or more) did; staff then get one digest. It ends when the platform's open
     /// incidents fall below both thresholds; the held emails of connections still broken
     /// are then released.
     pub async fn update_storms(
@@ -415,7 +430,8 @@ impl Store {
         .fetch_all(&mut *transaction)
         .await?;
         let storming = |count: i64, total: i64| {
-            count >= min || (count >= 3 && total > 0 && count as f64 / total as f64 >= share)
+            count >= min
+                || (count >= STORM_SHARE_FLOOR && total > 0 && count as f64 / total as f64 >= share)
         };
         let mut changes = Vec::new();
         let mut still_open = Vec::new();
@@ -432,14 +448,18 @@ impl Store {
                     .fetch_one(&mut *transaction)
                     .await?
                     .try_get(0)?;
-                    let listed = open_incidents(&mut transaction, Some(&platform)).await?;
+                    // The list is read when the digest is sent (after the hold), so it names
+                    // every connection caught in the storm by then.
                     let payload = json!({
-                        "title": format!("Platform {platform}: many connections failing at once (customer emails held)"),
-                        "connections": listed,
+                        "title": format!(
+                            "Platform {platform}: many connections failing at once (customer emails held)"
+                        ),
+                        "platform": platform,
                     })
                     .to_string();
                     for recipient in &policy.staff {
                         let key = format!("storm:{storm_id}:{recipient}");
+                        let due = now + policy.hold;
                         enqueue(
                             &mut transaction,
                             &policy,
@@ -451,7 +471,7 @@ impl Store {
                             recipient,
                             0,
                             Some(payload.clone()),
-                            now,
+                            due,
                             now,
                         )
                         .await?;
@@ -491,15 +511,10 @@ impl Store {
             return Ok(false);
         };
         let mut transaction = self.begin_write().await?;
-        let listed = open_incidents(&mut transaction, None).await?;
-        if listed.is_empty() {
+        if open_incidents(&mut transaction, None).await?.is_empty() {
             return Ok(false);
         }
-        let payload = json!({
-            "title": format!("Open incidents on {date}"),
-            "connections": listed,
-        })
-        .to_string();
+        let payload = json!({ "title": format!("Open incidents on {date}") }).to_string();
         for recipient in &policy.staff {
             let key = format!("daily:{date}:{recipient}");
             enqueue(
@@ -560,7 +575,7 @@ impl Store {
 
 /// The open incidents (of one platform), as a digest lists them.
 async fn open_incidents(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
     platform: Option<&str>,
 ) -> Result<Vec<serde_json::Value>, StoreError> {
     let rows: Vec<(String, String, String, String, i64, Option<String>)> = sqlx::query_as(

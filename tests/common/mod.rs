@@ -2,6 +2,8 @@
 //! configs pointing at a fake platform, and waiting with a deadline.
 #![allow(dead_code)]
 
+pub mod smtp;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
