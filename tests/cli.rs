@@ -83,6 +83,7 @@ token = "tok_literal_in_file"
 fn check_config_accepts_the_example_config() {
     let credentials = tempfile::tempdir().expect("temp dir");
     std::fs::write(credentials.path().join("acme-token"), "tok_example").expect("write");
+    std::fs::write(credentials.path().join("smtp-password"), "smtp-pass").expect("write");
     for name in ["makini-webhook-secret", "relay-secret"] {
         std::fs::write(
             credentials.path().join(name),
