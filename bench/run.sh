@@ -53,7 +53,11 @@ if ((${#need[@]})); then
 fi
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   echo "== cargo build --release --bin connwatch --examples"
-  (cd "$ROOT" && cargo build --release --bin connwatch --examples 2>&1 | tail -3)
+  if ! (cd "$ROOT" && cargo build --release --bin connwatch --examples >"${TMPDIR:-/tmp}/connwatch-bench-build.log" 2>&1); then
+    tail -20 "${TMPDIR:-/tmp}/connwatch-bench-build.log" >&2
+    [[ -x $BIN && -x $LOADGEN ]] || { echo "build failed" >&2; exit 1; }
+    echo "warning: build failed (see above); benchmarking the binaries already built" >&2
+  fi
 fi
 [[ -x $BIN && -x $LOADGEN ]] || { echo "missing $BIN or $LOADGEN" >&2; exit 1; }
 for port in $NGX_PORT $BB_PORT $ADMIN_PORT $WH_PORT; do   # e.g. Debian's own exporter on :9115
@@ -80,6 +84,7 @@ ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12+$13}'; }     # utime
 cpu()   { awk '/^cpu /{print $2+$3+$4+$7+$8, $9}' /proc/stat; }  # all cores: busy steal
 kib()   { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }       # VmRSS, VmHWM
 load1() { cut -d' ' -f1 /proc/loadavg; }
+pg_ticks() { local p s=0 t; for p in $(pgrep -x postgres); do t=$(ticks "$p" 2>/dev/null) && s=$((s + t)); done; echo $s; }  # PostgreSQL server, all processes
 metrics() { curl -sf --max-time 10 "http://127.0.0.1:$ADMIN_PORT/metrics" || true; }
 msum()  { awk -v m="$1" 'index($0, m "{") == 1 || $1 == m {s += $NF} END {printf "%.0f\n", s}' "${2:--}"; }
 calc()  { awk "BEGIN {printf \"%.${2:-2}f\n\", ($1)}"; }
@@ -239,7 +244,8 @@ bench_scheduled() {   # rep
   wait_for 300 curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$ADMIN_PORT/readyz" || true
   local ready_s; ready_s=$(calc "$(now) - $CW_T0")
   rec scheduled "$r" startup_s "$startup"; rec scheduled "$r" ready_s "$ready_s"
-  log "  /metrics after ${startup}s, /readyz after ${ready_s}s, startup CPU $(calc "$(ticks "$CW") / $HZ")s, RSS $(calc "$(kib "$CW" VmRSS) / 1024" 1) MiB"
+  local startup_cpu; startup_cpu=$(calc "$(ticks "$CW") / $HZ")
+  log "  /metrics after ${startup}s, /readyz after ${ready_s}s, start-up CPU ${startup_cpu}s, RSS $(calc "$(kib "$CW" VmRSS) / 1024" 1) MiB"
   printf 't\tcpu_ticks\trss_kib\thwm_kib\tdb_bytes\tprobes\tload1\n' >"$d/samples.tsv"
   local t el next=0 snap30="" snap300="" line
   while :; do
@@ -262,6 +268,8 @@ bench_scheduled() {   # rep
       printf "%.2f", (y[2] - x[2]) / hz / (y[1] - x[1]) * 100 }')"
   [[ -n $snap300 ]] && rec scheduled "$r" cpu_pct_after_300s "$(awk -F'\t' -v a="$snap300" -v b="$end" -v hz="$HZ" 'BEGIN { split(a, x, "\t"); split(b, y, "\t");
       printf "%.2f", (y[1] > x[1]) ? (y[2] - x[2]) / hz / (y[1] - x[1]) * 100 : 0 }')"
+  rec scheduled "$r" rss_at_30s_mib "$(echo -e "$snap30" | awk -F'\t' '{printf "%.1f", $3 / 1024}')"
+  rec scheduled "$r" startup_cpu_s "$startup_cpu"
   rec scheduled "$r" rss_end_mib "$(echo -e "$end" | awk -F'\t' '{printf "%.1f", $3 / 1024}')"
   rec scheduled "$r" peak_rss_mib "$(echo -e "$end" | awk -F'\t' '{printf "%.1f", $4 / 1024}')"
   rec scheduled "$r" probes_per_s "$(awk -F'\t' -v a="$snap30" -v b="$end" 'BEGIN { split(a, x, "\t"); split(b, y, "\t");
@@ -306,9 +314,9 @@ bench_webhook() {   # rep backend(sqlite|postgres)
   start_cw "$d/cw.toml" "$d/cw.log"
   local whurl=http://127.0.0.1:$WH_PORT/webhooks/mock
   timeout 60 "$LOADGEN" "$whurl" "$RUN/whsec" 2 "$WH_CONC" "$ids" 1024 200000 "$WH_THREADS" >"$d/warm.out"   # warm-up
-  local c0 m0 t0 c1 m1 t1 out; c0=$(ticks "$CW") m0=$(cpu) t0=$(now)
+  local c0 m0 t0 c1 m1 t1 out g0=0 g1=0; [[ $be == postgres ]] && g0=$(pg_ticks); c0=$(ticks "$CW") m0=$(cpu) t0=$(now)
   timeout $((WH_DUR + 60)) "$LOADGEN" "$whurl" "$RUN/whsec" "$WH_DUR" "$WH_CONC" "$ids" 1024 5000000 "$WH_THREADS" >"$d/load.out" 2>"$d/load.err" || true
-  t1=$(now) m1=$(cpu) c1=$(ticks "$CW")
+  t1=$(now) m1=$(cpu) c1=$(ticks "$CW"); [[ $be == postgres ]] && g1=$(pg_ticks)
   metrics >"$d/metrics.txt"
   stop_pid "$CW"; local down=$STOP_S
   out=$(cat "$d/load.out"); [[ -n $out ]] || { echo "load generator failed: $(head -3 "$d/load.err")" >&2; out="sent 0"; }
@@ -322,7 +330,8 @@ bench_webhook() {   # rep backend(sqlite|postgres)
   rec "webhook-$be" "$r" non200 "$(kv other)"; rec "webhook-$be" "$r" stored_minus_accepted "$((stored - acc))"
   rec "webhook-$be" "$r" cpu_us_per_req "$(calc "($c1 - $c0) / $HZ * 1e6 / ($sent + 0.001)" 1)"
   rec "webhook-$be" "$r" gen_cpu_us_per_req "$(kv cpu_us_per_req)"
-  rec "webhook-$be" "$r" other_pct "$(other_pct "$m0" "$m1" "$(calc "$c1 - $c0 + $(kv cpu_us_per_req) * $sent * $HZ / 1e6" 0)" "$(calc "$t1 - $t0")")"
+  [[ $be == postgres ]] && rec "webhook-$be" "$r" pg_cpu_us_per_req "$(calc "($g1 - $g0) / $HZ * 1e6 / ($sent + 0.001)" 1)"
+  rec "webhook-$be" "$r" other_pct "$(other_pct "$m0" "$m1" "$(calc "$c1 - $c0 + $g1 - $g0 + $(kv cpu_us_per_req) * $sent * $HZ / 1e6" 0)" "$(calc "$t1 - $t0")")"
   rec "webhook-$be" "$r" log_problems "$(log_problems "$d/cw.log")"
   log "webhook $be rep $r: $out; stored $stored (accepted $acc)"
   cp "$d/cw.log" "$OUT/webhook-$be$r.log"; rm -rf "$d"
@@ -406,6 +415,7 @@ S=$OUT/summary.tsv
       printf 'webhook %s\tp99 ms\t%s\tnginx %s\t%s\t%s\n' "$be" "$(spread "webhook-$be" p99_ms)" "$ngp" \
         "$([[ $tgp != - ]] && echo "< $tgp")" "$(verdict "$(med "webhook-$be" p99_ms)" '<' "$tgp")"
       printf 'webhook %s\tconnwatch CPU us/webhook\t%s\tnginx %s\t\t\n' "$be" "$(med "webhook-$be" cpu_us_per_req)" "$(med nginx-post1k-c64 ngx_us_per_req)"
+      [[ $be == postgres ]] && printf 'webhook %s\tPostgreSQL server CPU us/webhook\t%s\t\t\t\n' "$be" "$(med "webhook-$be" pg_cpu_us_per_req)"
       printf 'webhook %s\tload generator CPU us/req\t%s\t\t\t\n' "$be" "$(med "webhook-$be" gen_cpu_us_per_req)"
       printf 'webhook %s\tnon-200 answers; stored - accepted\t%s; %s\t\t0; 0\t\n' "$be" "$(med "webhook-$be" non200)" "$(med "webhook-$be" stored_minus_accepted)"
       printf 'webhook %s\tloadavg / other%%\t%s / %s\t\t\t\n' "$be" "$(med "webhook-$be" load1)" "$(med "webhook-$be" other_pct)"
@@ -419,6 +429,7 @@ S=$OUT/summary.tsv
     printf 'scheduled\tlateness: highest non-empty bucket (le)\t%s\t\t\t\n' "$(med $s lateness_max_bucket)"
     printf 'scheduled\tCPU %% of one core (after 30 s)\t%s\t\t< 10\t%s\n' "$(spread $s cpu_pct)" "$(verdict "$(med $s cpu_pct)" '<' 10)"
     printf 'scheduled\tCPU %% of one core (after 300 s)\t%s\t\t< 10\t%s\n' "$(spread $s cpu_pct_after_300s)" "$(verdict "$(med $s cpu_pct_after_300s)" '<' 10)"
+    printf 'scheduled\tRSS MiB at 30 s (VmRSS)\t%s\t\t< 150\t%s\n' "$(spread $s rss_at_30s_mib)" "$(verdict "$(med $s rss_at_30s_mib)" '<' 150)"
     printf 'scheduled\tRSS MiB at end (VmRSS)\t%s\t\t< 150\t%s\n' "$(spread $s rss_end_mib)" "$(verdict "$(med $s rss_end_mib)" '<' 150)"
     printf 'scheduled\tpeak RSS MiB (VmHWM)\t%s\t\t< 150\t%s\n' "$(spread $s peak_rss_mib)" "$(verdict "$(med $s peak_rss_mib)" '<' 150)"
     printf 'scheduled\tDB growth MiB/h after 300 s (.db+-wal)\t%s\t\t< 10\t%s\n' "$(spread $s db_growth_mib_per_h)" "$(verdict "$(med $s db_growth_mib_per_h)" '<' 10)"
@@ -426,7 +437,7 @@ S=$OUT/summary.tsv
     printf 'scheduled\tDB MiB at 300 s / at end\t%s / %s\t\t\t\n' "$(med $s db_mib_at_300s)" "$(med $s db_mib_end)"
     printf 'scheduled\tprobes/s after 30 s\t%s\texpected %s (N / 300 s)\t\t\n' "$(spread $s probes_per_s)" "$(calc "$SCHED_N / 300" 1)"
     printf 'scheduled\tconnections probed at least once\t%s\tof %s\t\t\n' "$(med $s recorded)" "$SCHED_N"
-    printf 'scheduled\tstart-up s (to /metrics; to /readyz)\t%s; %s\t\t\t\n' "$(med $s startup_s)" "$(med $s ready_s)"
+    printf 'scheduled\tstart-up s (to /metrics; to /readyz); its CPU s\t%s; %s; %s\t\t\t\n' "$(med $s startup_s)" "$(med $s ready_s)" "$(med $s startup_cpu_s)"
     printf 'scheduled\tWARN/ERROR log lines; shutdown s\t%s; %s\t\t\t\n' "$(med $s log_problems)" "$(med $s shutdown_s)"
     printf 'scheduled\tloadavg before / other%%\t%s / %s\t\t\t\n' "$(med $s load1)" "$(med $s other_pct)"
   fi

@@ -53,6 +53,9 @@ pub struct Running {
     scheduler_loop: JoinHandle<()>,
     cron: CronJobs,
     drain_deadline: Duration,
+    webhook_state: Option<WebhookState>,
+    /// The config in force (reload compares against it).
+    config: Config,
 }
 
 /// Opens the store and brings its schema up to date.
@@ -197,6 +200,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         }
     }));
     let mut webhook_addr = None;
+    let mut webhook_state = None;
     if let Some(address) = config.server.webhooks {
         let state = WebhookState::new(
             &config.platforms,
@@ -211,6 +215,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         let bound = listener.local_addr()?;
         tracing::info!(webhook_addr = %bound, "webhook listener bound");
         webhook_addr = Some(bound);
+        webhook_state = Some(state.clone());
         let router = webhook::router(state, config.server.webhook_max_bytes);
         let webhook_cancel = cancel.clone();
         background.push(tokio::spawn(async move {
@@ -230,7 +235,6 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         let poller = Poller {
             store: store.clone(),
             scheduler: scheduler.clone(),
-            prober: Prober::new(&config.platforms, &config.probe)?,
             metrics: metrics.clone(),
             settings: config.webhooks.clone(),
             relay_enabled: config.relay.is_some(),
@@ -262,6 +266,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     background.push(tokio::spawn(refresh_health_gauges(
         store.clone(),
         metrics.clone(),
+        config.server.per_connection_metrics,
         cancel.clone(),
     )));
     background.push(tokio::spawn(watch_token_files(
@@ -300,10 +305,93 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         scheduler_loop,
         cron,
         drain_deadline: config.probe.timeout + Duration::from_secs(5),
+        webhook_state,
+        config,
     })
 }
 
+/// What a reload changed, for the log.
+#[derive(Debug, Default)]
+pub struct ReloadSummary {
+    pub added: usize,
+    pub removed: usize,
+    pub changed: usize,
+    /// Keys whose new values wait for a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
 impl Running {
+    /// Applies a new, already validated config without a restart: connections added,
+    /// removed or changed (a changed token is probed at once), platform profiles and
+    /// webhook secrets, probe thresholds, email recipients. Listener addresses, the store
+    /// and the log format keep their old values until a restart (reported).
+    pub async fn reload(&mut self, config: Config) -> anyhow::Result<ReloadSummary> {
+        let prober = Prober::new(&config.platforms, &config.probe)?;
+        if let Some(state) = &self.webhook_state {
+            state
+                .reload(&config.platforms)
+                .context("cannot load the webhook secrets")?;
+        }
+        let old = self.scheduler.roster();
+        let mut summary = ReloadSummary::default();
+        for connection in &config.connections {
+            match old.connections.get(&connection.id) {
+                None => summary.added += 1,
+                Some(previous) if **previous != *connection => summary.changed += 1,
+                Some(_) => {}
+            }
+        }
+        summary.removed = old
+            .connections
+            .keys()
+            .filter(|id| config.connection(id.as_str()).is_none())
+            .count();
+        for platform in config.platforms.keys() {
+            self.metrics.declare_platform(platform);
+        }
+        self.scheduler.reconfigure(prober, config.probe.clone());
+        self.scheduler.set_roster(Roster::new(&config.connections));
+        self.store
+            .set_mail_policy(config.email.as_ref().map(mail_policy));
+        sync_connections(&self.store, &self.scheduler, &config).await?;
+        let now = now_millis();
+        for connection in &config.connections {
+            if let Some(previous) = old.connections.get(&connection.id)
+                && previous.token != connection.token
+            {
+                self.store.request_probe(&connection.id, now).await?;
+            }
+        }
+        let old_config = &self.config;
+        let checks: [(&'static str, bool); 6] = [
+            ("store", old_config.store.url != config.store.url),
+            (
+                "server.admin",
+                old_config.server.admin != config.server.admin,
+            ),
+            (
+                "server.webhooks",
+                old_config.server.webhooks != config.server.webhooks,
+            ),
+            ("log", old_config.log.format != config.log.format),
+            (
+                "probe.concurrency",
+                old_config.probe.concurrency != config.probe.concurrency,
+            ),
+            (
+                "email (SMTP settings and templates)",
+                email_transport_changed(old_config, &config),
+            ),
+        ];
+        summary.needs_restart = checks
+            .into_iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| key)
+            .collect();
+        self.config = config;
+        Ok(summary)
+    }
+
     /// A token that stops the daemon when cancelled.
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()
@@ -336,9 +424,34 @@ impl Running {
     }
 }
 
-/// Keeps `connwatch_connections{health}` current from the store.
-async fn refresh_health_gauges(store: Store, metrics: Metrics, cancel: CancellationToken) {
+/// Keeps `connwatch_connections{health}` (and, when enabled, the per-connection
+/// `connwatch_connection_health{connection,health}`) current from the store.
+async fn refresh_health_gauges(
+    store: Store,
+    metrics: Metrics,
+    per_connection: bool,
+    cancel: CancellationToken,
+) {
     loop {
+        if per_connection {
+            match store.list_connections().await {
+                Ok(connections) => {
+                    metrics.connection_health.reset();
+                    for connection in connections {
+                        metrics
+                            .connection_health
+                            .with_label_values(&[
+                                connection.id.as_str(),
+                                connection.health.as_str(),
+                            ])
+                            .set(1);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list connections for per-connection metrics")
+                }
+            }
+        }
         match store.health_counts().await {
             Ok(counts) => {
                 for (health, count) in counts {
@@ -409,5 +522,20 @@ async fn watch_token_files(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+fn email_transport_changed(old: &Config, new: &Config) -> bool {
+    match (&old.email, &new.email) {
+        (Some(old), Some(new)) => {
+            old.host != new.host
+                || old.port != new.port
+                || old.security != new.security
+                || old.from != new.from
+                || old.templates != new.templates
+                || old.username != new.username
+        }
+        (None, None) => false,
+        (Some(_), None) | (None, Some(_)) => true,
     }
 }

@@ -92,7 +92,7 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Run(arg) => match load(&arg) {
             Ok(config) => {
                 init_logging(config.log.format, &config.log.level);
-                service::run(config, arg.config.clone())
+                service::run(config, Config::resolve_path(arg.config.clone()))
                     .await
                     .map(|()| ExitCode::SUCCESS)
             }

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub email_outbox_pending: IntGauge,
     /// `connwatch_email_outbox_oldest_pending_age_seconds`.
     pub email_outbox_oldest_age: Gauge,
+    /// `connwatch_connection_health{connection,health}`: only with
+    /// `[server] per_connection_metrics = true` (unbounded labels otherwise).
+    pub connection_health: IntGaugeVec,
 }
 
 /// Kinds of `connwatch_emails_total`.
@@ -220,6 +223,14 @@ impl Metrics {
             "How long the oldest due email has been waiting to be sent.",
         )
         .expect("valid metric");
+        let connection_health = IntGaugeVec::new(
+            Opts::new(
+                "connwatch_connection_health",
+                "1 for each connection's current health (only with per_connection_metrics).",
+            ),
+            &["connection", "health"],
+        )
+        .expect("valid metric");
         let relay_outbox_dead = gauge(
             "connwatch_relay_outbox_dead",
             "Recovered changes given up on after the last relay attempt.",
@@ -247,6 +258,7 @@ impl Metrics {
             Box::new(emails.clone()),
             Box::new(email_outbox_pending.clone()),
             Box::new(email_outbox_oldest_age.clone()),
+            Box::new(connection_health.clone()),
         ] {
             registry.register(collector).expect("unique metric");
         }
@@ -281,6 +293,7 @@ impl Metrics {
             emails,
             email_outbox_pending,
             email_outbox_oldest_age,
+            connection_health,
         }
     }
 

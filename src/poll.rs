@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::config::{ChangesConfig, PlatformConfig, WebhooksConfig};
 use crate::domain::{ConnectionId, Millis, Outcome, wire};
 use crate::metrics::Metrics;
-use crate::probe::{Prober, read_answer};
+use crate::probe::read_answer;
 use crate::schedule::{Event, Scheduler, millis};
 use crate::store::{PollClaim, PolledChange, Store, now_millis};
 use crate::webhook::{text_at, time_value};
@@ -35,7 +35,6 @@ const POLL_CONCURRENCY: usize = 16;
 pub struct Poller {
     pub store: Store,
     pub scheduler: Scheduler,
-    pub prober: Prober,
     pub metrics: Metrics,
     pub settings: WebhooksConfig,
     pub relay_enabled: bool,
@@ -115,7 +114,7 @@ impl Poller {
         let owner = self.scheduler.owner().to_owned();
         let now = now_millis();
         let poll_interval = millis(self.settings.poll_interval);
-        let platform = self.prober.platform(&claim.platform);
+        let platform = self.scheduler.prober().platform(&claim.platform);
         let changes = platform
             .as_ref()
             .and_then(|platform| platform.changes.clone());
@@ -209,7 +208,8 @@ impl Poller {
                 Err(reason) => return PollEnd::Failed(reason),
             };
             let answer = match self
-                .prober
+                .scheduler
+                .prober()
                 .request(
                     &platform.name,
                     reqwest::Method::GET,

@@ -68,10 +68,10 @@ impl Roster {
 #[derive(Clone)]
 pub struct Scheduler {
     store: Store,
-    prober: Prober,
+    prober: Arc<RwLock<Prober>>,
     metrics: Metrics,
     roster: Arc<RwLock<Arc<Roster>>>,
-    settings: Arc<ProbeConfig>,
+    settings: Arc<RwLock<Arc<ProbeConfig>>>,
     owner: Arc<str>,
     events: broadcast::Sender<Event>,
     last_tick: Arc<AtomicI64>,
@@ -108,10 +108,10 @@ impl Scheduler {
         );
         Scheduler {
             store,
-            prober,
+            prober: Arc::new(RwLock::new(prober)),
             metrics,
             roster: Arc::new(RwLock::new(Arc::new(roster))),
-            settings: Arc::new(settings),
+            settings: Arc::new(RwLock::new(Arc::new(settings))),
             owner: owner.into(),
             events,
             last_tick: Arc::new(AtomicI64::new(now_millis())),
@@ -119,12 +119,30 @@ impl Scheduler {
     }
 
     pub fn policy(&self) -> Policy {
+        let settings = self.settings();
         Policy {
-            failure_threshold: self.settings.failure_threshold,
-            unreachable_threshold: self.settings.unreachable_threshold,
-            confirm_after: millis(self.settings.confirm_after),
-            reauth_backoff: millis(self.settings.reauth_backoff),
+            failure_threshold: settings.failure_threshold,
+            unreachable_threshold: settings.unreachable_threshold,
+            confirm_after: millis(settings.confirm_after),
+            reauth_backoff: millis(settings.reauth_backoff),
         }
+    }
+
+    /// The probe settings in force.
+    pub fn settings(&self) -> Arc<ProbeConfig> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// The HTTP clients in force (shared with polling).
+    pub fn prober(&self) -> Prober {
+        self.prober.read().expect("prober lock").clone()
+    }
+
+    /// Replaces the probe settings and platform clients (reload). The concurrency limit
+    /// of the running loop is kept until restart.
+    pub fn reconfigure(&self, prober: Prober, settings: ProbeConfig) {
+        *self.prober.write().expect("prober lock") = prober;
+        *self.settings.write().expect("settings lock") = Arc::new(settings);
     }
 
     /// Replaces the configured connections (reload).
@@ -143,11 +161,11 @@ impl Scheduler {
 
     /// The first due time of a connection: its slot in the interval, after `now`.
     pub fn first_due(&self, id: &ConnectionId, now: Millis) -> Millis {
-        next_slot(id, now, millis(self.settings.interval))
+        next_slot(id, now, millis(self.settings().interval))
     }
 
     fn lease_until(&self, now: Millis) -> Millis {
-        now + 2 * millis(self.settings.timeout) + 30_000
+        now + 2 * millis(self.settings().timeout) + 30_000
     }
 
     /// Runs the deadline loop until `cancel`; probes run on `tracker`. `on_tick` is called
@@ -158,7 +176,7 @@ impl Scheduler {
         tracker: TaskTracker,
         on_tick: Arc<dyn Fn() + Send + Sync>,
     ) {
-        let permits = Arc::new(Semaphore::new(self.settings.concurrency as usize));
+        let permits = Arc::new(Semaphore::new(self.settings().concurrency as usize));
         let (results, receiver) = mpsc::channel::<ProbeRecord>(4 * WRITE_BATCH);
         let writer = tokio::spawn(self.clone().write_results(receiver));
         loop {
@@ -228,7 +246,7 @@ impl Scheduler {
                         connection_id = %claim.id,
                         platform = %claim.platform
                     );
-                    self.prober
+                    self.prober()
                         .probe(&connection.platform, &token)
                         .instrument(span)
                         .await
@@ -242,7 +260,7 @@ impl Scheduler {
         };
         self.metrics.probes_in_flight.dec();
         let now = now_millis();
-        let regular_due = next_slot(&claim.id, now, millis(self.settings.interval));
+        let regular_due = next_slot(&claim.id, now, millis(self.settings().interval));
         let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
         ProbeRecord {
             id: claim.id,
@@ -355,7 +373,7 @@ impl Scheduler {
     ) -> Result<ProbeRecord, ProbeNowError> {
         let claim = self.claim_now(id).await?;
         let now = now_millis();
-        let regular_due = next_slot(&claim.id, now, millis(self.settings.interval));
+        let regular_due = next_slot(&claim.id, now, millis(self.settings().interval));
         let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
         let record = ProbeRecord {
             id: claim.id,

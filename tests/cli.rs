@@ -2,11 +2,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::io::Read;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::process::{nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi};
 use common::{Conn, Kind, TestDb, config_text, token_file};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 
@@ -123,72 +123,6 @@ fn the_demo_tour_detects_the_credential_change_and_the_recovery() {
         !stdout.contains("tok_acme"),
         "no token in the tour's output"
     );
-}
-
-/// Starts `connwatch run`, collecting stderr; returns the child, the log and the admin address.
-fn spawn_daemon(config: &std::path::Path) -> (std::process::Child, Arc<Mutex<String>>, String) {
-    let (child, log, mut addresses) = spawn_daemon_with(config, &["admin_addr="]);
-    (child, log, addresses.remove(0))
-}
-
-/// Like `spawn_daemon`, waiting for each `field=` of `fields` in the log.
-fn spawn_daemon_with(
-    config: &std::path::Path,
-    fields: &[&'static str],
-) -> (std::process::Child, Arc<Mutex<String>>, Vec<String>) {
-    let mut child = Command::new(BINARY)
-        .args(["run", "--config", config.to_str().expect("utf-8")])
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (address_sender, address_receiver) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().expect("stderr");
-    let sink = log.clone();
-    let wanted: Vec<&'static str> = fields.to_vec();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            for (index, field) in wanted.iter().enumerate() {
-                if let Some(position) = line.find(field) {
-                    let address: String = line[position + field.len()..]
-                        .chars()
-                        .take_while(|c| !c.is_whitespace())
-                        .collect();
-                    let _ = address_sender.send((index, address));
-                }
-            }
-            let mut log = sink.lock().expect("log");
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let mut addresses = vec![String::new(); fields.len()];
-    for _ in 0..fields.len() {
-        let (index, address) = address_receiver
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("daemon did not start: {}", log.lock().expect("log")));
-        addresses[index] = address;
-    }
-    (child, log, addresses)
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for next in chars.by_ref() {
-                if next.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -321,14 +255,6 @@ async fn sigterm_drains_and_exits_cleanly_while_a_probe_hangs() {
         .take()
         .map(|mut stderr| stderr.read_to_string(&mut rest));
     assert!(strip_ansi(&log.lock().expect("log")).contains("stopped"));
-}
-
-fn nix_kill(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -96,6 +96,8 @@ pub struct ServerConfig {
     pub webhooks: Option<SocketAddr>,
     /// Largest webhook body accepted (413 above).
     pub webhook_max_bytes: usize,
+    /// Adds `connwatch_connection_health{connection,health}` (for small fleets).
+    pub per_connection_metrics: bool,
 }
 
 /// Quiet detection and polling (`[webhooks]`).

@@ -18,6 +18,8 @@ pub struct RawServer {
     pub admin_token: Option<SecretRef>,
     pub webhooks: Option<String>,
     pub webhook_max_bytes: Option<u32>,
+    #[serde(default)]
+    pub per_connection_metrics: bool,
 }
 
 #[derive(Debug, Deserialize)]

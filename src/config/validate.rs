@@ -391,6 +391,7 @@ fn server(checker: &mut Checker, raw: RawServer) -> ServerConfig {
         admin_token: raw.admin_token,
         webhooks,
         webhook_max_bytes,
+        per_connection_metrics: raw.per_connection_metrics,
     }
 }
 
@@ -502,10 +503,10 @@ fn email(checker: &mut Checker, raw: RawEmail) -> EmailConfig {
         ));
     }
     let templates = raw.templates.map(PathBuf::from);
-    if let Some(folder) = &templates {
-        if let Err(message) = crate::alert::templates::Templates::load(Some(folder)) {
-            checker.problem(&path("templates"), message);
-        }
+    if let Some(folder) = &templates
+        && let Err(message) = crate::alert::templates::Templates::load(Some(folder))
+    {
+        checker.problem(&path("templates"), message);
     }
     let ca_file = raw.ca_file.map(PathBuf::from);
     if let Some(file) = &ca_file {

@@ -53,7 +53,7 @@ type Reply = oneshot::Sender<Result<WebhookStored, ()>>;
 /// What the webhook handler shares.
 #[derive(Clone)]
 pub struct WebhookState {
-    receivers: Arc<BTreeMap<String, Receiver>>,
+    receivers: Arc<std::sync::RwLock<Arc<BTreeMap<String, Receiver>>>>,
     writer: mpsc::Sender<(WebhookDelivery, Reply)>,
     metrics: Metrics,
 }
@@ -75,44 +75,63 @@ impl WebhookState {
         metrics: Metrics,
         events: broadcast::Sender<Event>,
     ) -> Result<WebhookState, KeyError> {
-        let mut receivers = BTreeMap::new();
-        for (name, platform) in platforms {
-            let Some(profile) = &platform.webhooks else {
-                continue;
-            };
-            let mut keys = Vec::new();
-            for (index, secret) in profile.secrets.iter().enumerate() {
-                let failure = |message: String| KeyError {
-                    platform: name.clone(),
-                    index,
-                    message,
-                };
-                let value = secret.read().map_err(|error| failure(error.to_string()))?;
-                let key = match profile.scheme {
-                    SignatureScheme::Standard => {
-                        decode_standard_secret(value.expose_secret()).map_err(failure)?
-                    }
-                    SignatureScheme::HexHmac { .. } => value.expose_secret().as_bytes().to_vec(),
-                };
-                keys.push(key);
-            }
-            metrics.declare_webhook_platform(name, platform.changes.is_some());
-            receivers.insert(
-                name.clone(),
-                Receiver {
-                    profile: profile.clone(),
-                    keys: Keys(keys),
-                },
-            );
-        }
+        let receivers = load_receivers(platforms, &metrics)?;
         let (writer, queue) = mpsc::channel(4 * WRITE_BATCH);
         tokio::spawn(write_deliveries(store, queue, events));
         Ok(WebhookState {
-            receivers: Arc::new(receivers),
+            receivers: Arc::new(std::sync::RwLock::new(Arc::new(receivers))),
             writer,
             metrics,
         })
     }
+
+    /// Re-reads the webhook profiles and secrets (reload; secret rotation).
+    pub fn reload(&self, platforms: &BTreeMap<String, PlatformConfig>) -> Result<(), KeyError> {
+        let receivers = load_receivers(platforms, &self.metrics)?;
+        *self.receivers.write().expect("receivers lock") = Arc::new(receivers);
+        Ok(())
+    }
+
+    fn receiver_set(&self) -> Arc<BTreeMap<String, Receiver>> {
+        self.receivers.read().expect("receivers lock").clone()
+    }
+}
+
+fn load_receivers(
+    platforms: &BTreeMap<String, PlatformConfig>,
+    metrics: &Metrics,
+) -> Result<BTreeMap<String, Receiver>, KeyError> {
+    let mut receivers = BTreeMap::new();
+    for (name, platform) in platforms {
+        let Some(profile) = &platform.webhooks else {
+            continue;
+        };
+        let mut keys = Vec::new();
+        for (index, secret) in profile.secrets.iter().enumerate() {
+            let failure = |message: String| KeyError {
+                platform: name.clone(),
+                index,
+                message,
+            };
+            let value = secret.read().map_err(|error| failure(error.to_string()))?;
+            let key = match profile.scheme {
+                SignatureScheme::Standard => {
+                    decode_standard_secret(value.expose_secret()).map_err(failure)?
+                }
+                SignatureScheme::HexHmac { .. } => value.expose_secret().as_bytes().to_vec(),
+            };
+            keys.push(key);
+        }
+        metrics.declare_webhook_platform(name, platform.changes.is_some());
+        receivers.insert(
+            name.clone(),
+            Receiver {
+                profile: profile.clone(),
+                keys: Keys(keys),
+            },
+        );
+    }
+    Ok(receivers)
 }
 
 /// `POST /webhooks/{platform}`, with the body limit (413 above it).
@@ -133,7 +152,8 @@ async fn receive(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Some(receiver) = state.receivers.get(&platform) else {
+    let receivers = state.receiver_set();
+    let Some(receiver) = receivers.get(&platform) else {
         return answer(StatusCode::NOT_FOUND, "unknown_platform");
     };
     let count = |result: &str| {

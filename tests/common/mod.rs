@@ -2,6 +2,7 @@
 //! configs pointing at a fake platform, and waiting with a deadline.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod smtp;
 
 use std::path::{Path, PathBuf};
