@@ -19,6 +19,7 @@ use crate::config::secret::FileStamp;
 use crate::config::{Config, EmailConfig};
 use crate::domain::ConnectionId;
 use crate::jobs::CronJobs;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::poll::Poller;
 use crate::probe::Prober;
@@ -184,6 +185,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on server.admin {}", config.server.admin))?;
     let admin_addr = listener.local_addr()?;
     let cancel = CancellationToken::new();
+    let leadership = Leadership::default();
     let router = admin_router(AdminState {
         store: store.clone(),
         scheduler: scheduler.clone(),
@@ -191,6 +193,11 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         admin_token,
     });
     let mut background = Vec::new();
+    background.push(tokio::spawn(leadership.clone().run(
+        store.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    )));
     let admin_cancel = cancel.clone();
     background.push(tokio::spawn(async move {
         let serve = axum::serve(listener, router)
@@ -260,6 +267,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             settings: settings.clone(),
             metrics: metrics.clone(),
             owner: scheduler.owner().to_owned(),
+            leadership: leadership.clone(),
         };
         background.push(tokio::spawn(dispatcher.run(cancel.clone())));
     }
@@ -267,6 +275,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         store.clone(),
         metrics.clone(),
         config.server.per_connection_metrics,
+        leadership.clone(),
         cancel.clone(),
     )));
     background.push(tokio::spawn(watch_token_files(
@@ -288,6 +297,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         config.store.retention,
         config.webhooks.clone(),
         config.email.as_ref().and_then(|email| email.daily_digest),
+        leadership.clone(),
     )
     .await
     .context("cannot start the pruning job (store.prune_schedule)")?;
@@ -430,9 +440,30 @@ async fn refresh_health_gauges(
     store: Store,
     metrics: Metrics,
     per_connection: bool,
+    leadership: Leadership,
     cancel: CancellationToken,
 ) {
     loop {
+        // Fleet-wide gauges come from the leader only; the others show 0, so `max`
+        // across replicas is the fleet's value.
+        if !leadership.is_leader() {
+            for health in crate::domain::Health::ALL {
+                metrics
+                    .connections
+                    .with_label_values(&[health.as_str()])
+                    .set(0);
+            }
+            metrics.connections_quiet.set(0);
+            metrics.relay_outbox_pending.set(0);
+            metrics.relay_outbox_dead.set(0);
+            metrics.email_outbox_pending.set(0);
+            metrics.email_outbox_oldest_age.set(0.0);
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            continue;
+        }
         if per_connection {
             match store.list_connections().await {
                 Ok(connections) => {

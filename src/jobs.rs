@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
 use crate::config::WebhooksConfig;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::store::{Store, now_millis};
 
@@ -28,6 +29,7 @@ impl CronJobs {
         retention: Duration,
         webhooks: WebhooksConfig,
         daily_digest: Option<(u32, u32)>,
+        leadership: Leadership,
     ) -> Result<CronJobs, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let mut jobs = CronJobs {
@@ -37,10 +39,15 @@ impl CronJobs {
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
         let store_for_digest = store.clone();
         let digest_metrics = metrics.clone();
+        let prune_leadership = leadership.clone();
         jobs.add("prune", prune_schedule, metrics, move || {
             let store = store.clone();
             let webhooks = webhooks.clone();
+            let leader = prune_leadership.is_leader();
             async move {
+                if !leader {
+                    return;
+                }
                 match store.prune_probe_results(now_millis() - retention_ms).await {
                     Ok(deleted) => tracing::info!(deleted, "pruned probe history"),
                     Err(error) => tracing::error!(%error, "pruning failed; next run retries"),
@@ -66,7 +73,11 @@ impl CronJobs {
             // skip nor repeat it, and several replicas enqueue it once.
             jobs.add("daily_digest", "0 * * * * *", digest_metrics, move || {
                 let store = digest_store.clone();
+                let leader = leadership.is_leader();
                 async move {
+                    if !leader {
+                        return;
+                    }
                     let local = chrono::Local::now();
                     let due = chrono::Timelike::hour(&local) * 60
                         + chrono::Timelike::minute(&local)

@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod jobs;
+pub mod leader;
 pub mod metrics;
 pub mod poll;
 pub mod probe;

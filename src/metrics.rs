@@ -55,6 +55,8 @@ pub struct Metrics {
     /// `connwatch_connection_health{connection,health}`: only with
     /// `[server] per_connection_metrics = true` (unbounded labels otherwise).
     pub connection_health: IntGaugeVec,
+    /// `connwatch_leader`: 1 on the replica running the once-only jobs.
+    pub leader: IntGauge,
 }
 
 /// Kinds of `connwatch_emails_total`.
@@ -231,6 +233,10 @@ impl Metrics {
             &["connection", "health"],
         )
         .expect("valid metric");
+        let leader = gauge(
+            "connwatch_leader",
+            "1 on the replica that runs pruning, digests and storm detection and exports the fleet-wide gauges.",
+        );
         let relay_outbox_dead = gauge(
             "connwatch_relay_outbox_dead",
             "Recovered changes given up on after the last relay attempt.",
@@ -259,6 +265,7 @@ impl Metrics {
             Box::new(email_outbox_pending.clone()),
             Box::new(email_outbox_oldest_age.clone()),
             Box::new(connection_health.clone()),
+            Box::new(leader.clone()),
         ] {
             registry.register(collector).expect("unique metric");
         }
@@ -294,6 +301,7 @@ impl Metrics {
             email_outbox_pending,
             email_outbox_oldest_age,
             connection_health,
+            leader,
         }
     }
 

@@ -49,7 +49,7 @@ impl Relay {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
             let now = now_millis();
-            let lease_until = now + 2 * crate::schedule::millis(self.settings.timeout) + 30_000;
+            let lease_until = now + 2 * crate::schedule::millis(self.settings.timeout) + 5_000;
             let claimed = match self
                 .store
                 .claim_relay(now, 32, &self.owner, lease_until)

@@ -165,7 +165,8 @@ impl Scheduler {
     }
 
     fn lease_until(&self, now: Millis) -> Millis {
-        now + 2 * millis(self.settings().timeout) + 30_000
+        // Claim, wait for a platform slot, probe (timeout), record: well within this.
+        now + 3 * millis(self.settings().timeout) + 5_000
     }
 
     /// Runs the deadline loop until `cancel`; probes run on `tracker`. `on_tick` is called

@@ -25,13 +25,17 @@ pub struct Dispatcher {
     pub settings: EmailConfig,
     pub metrics: Metrics,
     pub owner: String,
+    /// Storm detection and the outbox gauges run on the leader only.
+    pub leadership: crate::leader::Leadership,
 }
 
 impl Dispatcher {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
             let now = now_millis();
-            self.check_storms(now).await;
+            if self.leadership.is_leader() {
+                self.check_storms(now).await;
+            }
             let lease_until = now + 2 * millis(self.settings.timeout) + 5_000;
             let jobs = match self
                 .store
@@ -54,7 +58,9 @@ impl Dispatcher {
                 let _entered = span.enter();
                 self.deliver(job).await;
             }
-            self.refresh_gauges().await;
+            if self.leadership.is_leader() {
+                self.refresh_gauges().await;
+            }
             if cancel.is_cancelled() {
                 return;
             }

@@ -40,6 +40,8 @@ pub enum Behaviour {
 struct PlatformState {
     tokens: HashMap<String, Behaviour>,
     requests: HashMap<String, u64>,
+    /// When each token's status requests arrived (ms since the epoch).
+    request_times: HashMap<String, Vec<i64>>,
     served: u64,
     /// Changes per token: (id, updated at in ms).
     changes: HashMap<String, Vec<(String, i64)>>,
@@ -98,6 +100,12 @@ impl FakePlatform {
     pub fn requests(&self, token: &str) -> u64 {
         let state = self.state.lock().expect("platform state");
         state.requests.get(token).copied().unwrap_or_default()
+    }
+
+    /// When the status requests with `token` arrived (ms since the epoch).
+    pub fn request_times(&self, token: &str) -> Vec<i64> {
+        let state = self.state.lock().expect("platform state");
+        state.request_times.get(token).cloned().unwrap_or_default()
     }
 
     /// All requests answered so far.
@@ -233,6 +241,12 @@ async fn connection_status(
         let mut state = state.lock().expect("platform state");
         state.served += 1;
         *state.requests.entry(token.clone()).or_default() += 1;
+        let now = crate::store::now_millis();
+        state
+            .request_times
+            .entry(token.clone())
+            .or_default()
+            .push(now);
         (state.tokens.get(&token).copied(), state.served)
     };
     let request_id = format!("req_{request_number:06}");

@@ -143,6 +143,38 @@ impl Store {
     }
 }
 
+/// A session-level advisory lock, held while its connection lives.
+pub struct AdvisoryLock {
+    connection: sqlx::pool::PoolConnection<sqlx::Any>,
+}
+
+impl AdvisoryLock {
+    /// Fails when the connection (and so the lock) is gone.
+    pub async fn check(&mut self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.connection)
+            .await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Takes the PostgreSQL advisory lock `key` if free; `None` if another session holds it.
+    pub async fn hold_advisory_lock(&self, key: i64) -> Result<Option<AdvisoryLock>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        let (taken,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *connection)
+            .await?;
+        if taken {
+            // Detached from the pool: the lock lives exactly as long as this connection.
+            Ok(Some(AdvisoryLock { connection }))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
 /// Adds `mode=rwc` (create if missing) and checks the folder exists.
 fn sqlite_url(url: &str) -> Result<String, StoreError> {
     let rest = url
