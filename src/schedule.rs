@@ -221,9 +221,12 @@ impl Scheduler {
                 tokio::task::yield_now().await;
                 continue;
             }
+            // A little jitter keeps replicas from ticking in lock-step, so they share the
+            // due connections evenly over time.
+            let pause = TICK.mul_f64(0.75 + rand::random::<f64>() / 2.0);
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(TICK) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
         drop(results);
