@@ -26,11 +26,15 @@ pub struct Prober {
     platforms: Arc<BTreeMap<String, PlatformClient>>,
 }
 
+type RateLimiter = governor::DefaultDirectRateLimiter;
+
 #[derive(Clone)]
 struct PlatformClient {
     config: Arc<PlatformConfig>,
     client: reqwest::Client,
     permits: Arc<Semaphore>,
+    /// Requests per second to this platform, when capped.
+    rate: Option<Arc<RateLimiter>>,
 }
 
 /// A probe could not even be attempted: our configuration's fault.
@@ -70,6 +74,12 @@ impl Prober {
                     config: Arc::new(platform.clone()),
                     client,
                     permits: Arc::new(Semaphore::new(platform.concurrency as usize)),
+                    rate: platform
+                        .rate_limit
+                        .and_then(std::num::NonZeroU32::new)
+                        .map(|limit| {
+                            Arc::new(RateLimiter::direct(governor::Quota::per_second(limit)))
+                        }),
                 },
             );
         }
@@ -125,6 +135,9 @@ impl Prober {
             ));
         };
         let _permit = platform.permits.acquire().await.ok();
+        if let Some(rate) = &platform.rate {
+            rate.until_ready().await;
+        }
         let config = &platform.config;
         let mut authorization = if config.auth_scheme.is_empty() {
             HeaderValue::from_str(token.expose_secret())

@@ -410,3 +410,43 @@ async fn the_admin_api_lists_details_and_probes_connections() {
     }
     setup.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_platform_rate_limit_caps_the_requests_per_second() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let platform = FakePlatform::start().await.expect("platform");
+    let ids: Vec<String> = (0..20).map(|n| format!("c{n}")).collect();
+    let connections: Vec<Conn> = ids
+        .iter()
+        .map(|id| {
+            platform.set(&format!("tok-{id}"), Behaviour::Healthy);
+            Conn {
+                id,
+                platform: "makini",
+                token_file: token_file(db.path(), id, &format!("tok-{id}")),
+            }
+        })
+        .collect();
+    let text = config_text(
+        &db.url,
+        &[("makini", platform.base_url())],
+        &connections,
+        "",
+    )
+    .replace(
+        "request_id_header = \"x-request-id\"\n",
+        "request_id_header = \"x-request-id\"\nrate_limit = 4\n",
+    );
+    let running = app::start(parse(&text), Hooks::default())
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let served = platform.served();
+    running.shutdown().await;
+    // 20 connections every second would be 60 requests; 4 per second (burst 4) allows ~16.
+    assert!(
+        served <= 18,
+        "rate limit not honoured: {served} requests in 3 s"
+    );
+    assert!(served >= 8, "probing continues under the cap: {served}");
+}

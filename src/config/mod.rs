@@ -193,6 +193,8 @@ pub struct PlatformConfig {
     pub request_id_header: Option<String>,
     /// At most this many probes in flight against this platform.
     pub concurrency: u32,
+    /// At most this many requests per second to this platform (probes and polls).
+    pub rate_limit: Option<u32>,
     pub webhooks: Option<PlatformWebhooks>,
     pub changes: Option<ChangesConfig>,
 }

@@ -128,6 +128,7 @@ pub struct RawPlatform {
     pub auth_failure_codes: Vec<String>,
     pub request_id_header: Option<String>,
     pub concurrency: Option<u32>,
+    pub rate_limit: Option<u32>,
     pub webhooks: Option<RawPlatformWebhooks>,
     pub changes: Option<RawChanges>,
 }

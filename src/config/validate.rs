@@ -848,6 +848,9 @@ fn platform(
             .or_else(|| Some("/error/message".to_owned())),
     );
     let concurrency = checker.positive(&at("concurrency"), raw.concurrency, default_concurrency);
+    if raw.rate_limit == Some(0) {
+        checker.problem(&at("rate_limit"), "must be at least 1 request per second");
+    }
     let webhooks = raw
         .webhooks
         .map(|webhooks| platform_webhooks(checker, &at("webhooks"), webhooks));
@@ -869,6 +872,7 @@ fn platform(
         auth_failure_codes: raw.auth_failure_codes,
         request_id_header: raw.request_id_header,
         concurrency,
+        rate_limit: raw.rate_limit.filter(|limit| *limit > 0),
         webhooks,
         changes,
     })
