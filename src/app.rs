@@ -65,6 +65,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
         .await
         .context("cannot open the store (store.url)")?;
     store.migrate().await.context("cannot migrate the store")?;
+    // Every writer plans emails, the daemon and one-shot commands (`probe`) alike.
+    store.set_mail_policy(config.email.as_ref().map(mail_policy));
     Ok(store)
 }
 
@@ -169,7 +171,6 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let metrics = Metrics::new(VERSION);
     let store = open_store(&config).await?;
     let email = prepare_email(&config)?;
-    store.set_mail_policy(config.email.as_ref().map(mail_policy));
     let (events, _) = broadcast::channel(1024);
     let scheduler = build_scheduler(&config, store.clone(), metrics.clone(), events.clone())?;
     sync_connections(&store, &scheduler, &config).await?;
