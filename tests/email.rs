@@ -589,12 +589,14 @@ async fn kill_9_between_send_and_mark_sent_loses_nothing_and_resends_with_the_sa
     let config = db.path().join("connwatch.toml");
     std::fs::write(&config, &text).expect("config");
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_connwatch"))
-            .args(["run", "--config", config.to_str().expect("utf-8")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn")
+        common::process::Daemon(
+            std::process::Command::new(env!("CARGO_BIN_EXE_connwatch"))
+                .args(["run", "--config", config.to_str().expect("utf-8")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn"),
+        )
     };
     let mut daemon = spawn();
     eventually(

@@ -137,14 +137,16 @@ async fn systemd_hears_ready_watchdog_status_and_stopping() {
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let mut child = Command::new(BINARY)
-        .args(["run", "--config", config.to_str().expect("utf-8")])
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "2000000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = common::process::Daemon(
+        Command::new(BINARY)
+            .args(["run", "--config", config.to_str().expect("utf-8")])
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "2000000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
     let mut seen = String::new();
     let mut buffer = [0u8; 4096];
     while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1") && seen.contains("STATUS=")) {
@@ -166,7 +168,7 @@ async fn systemd_hears_ready_watchdog_status_and_stopping() {
 }
 
 /// A daemon with every feature on, so every metric family is exported.
-async fn full_daemon() -> (TestDb, FakePlatform, std::process::Child, String, Log) {
+async fn full_daemon() -> (TestDb, FakePlatform, common::process::Daemon, String, Log) {
     let db = TestDb::new(Kind::Sqlite).await;
     let platform = FakePlatform::start().await.expect("platform");
     platform.set("tok-a", Behaviour::Healthy);

@@ -7,8 +7,31 @@ use std::time::Duration;
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_connwatch");
 
+/// A daemon process that is killed when dropped, so a failing test leaves nothing behind.
+pub struct Daemon(pub std::process::Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `connwatch run`, collecting stderr; returns the child, the log and the admin address.
-pub fn spawn_daemon(config: &std::path::Path) -> (std::process::Child, Arc<Mutex<String>>, String) {
+pub fn spawn_daemon(config: &std::path::Path) -> (Daemon, Arc<Mutex<String>>, String) {
     let (child, log, mut addresses) = spawn_daemon_with(config, &["admin_addr="]);
     (child, log, addresses.remove(0))
 }
@@ -17,7 +40,7 @@ pub fn spawn_daemon(config: &std::path::Path) -> (std::process::Child, Arc<Mutex
 pub fn spawn_daemon_with(
     config: &std::path::Path,
     fields: &[&'static str],
-) -> (std::process::Child, Arc<Mutex<String>>, Vec<String>) {
+) -> (Daemon, Arc<Mutex<String>>, Vec<String>) {
     let mut child = Command::new(BINARY)
         .args(["run", "--config", config.to_str().expect("utf-8")])
         .env("RUST_LOG", "trace")
@@ -53,7 +76,7 @@ pub fn spawn_daemon_with(
             .unwrap_or_else(|_| panic!("daemon did not start: {}", log.lock().expect("log")));
         addresses[index] = address;
     }
-    (child, log, addresses)
+    (Daemon(child), log, addresses)
 }
 
 pub fn strip_ansi(text: &str) -> String {
