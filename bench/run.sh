@@ -146,9 +146,10 @@ start_cw() {   # start_cw CONFIG LOG -> sets CW (pid) and CW_T0 (launch time)
   CW_T0=$(now); "$BIN" run --config "$1" >"$2" 2>&1 & CW=$!; PIDS+=("$CW")
   wait_for 600 ready || { echo "connwatch did not answer /metrics within 600 s; log:" >&2; tail -20 "$2" >&2; exit 1; }
 }
-log_problems() {   # log lines at WARN/ERROR level: count, and the first few shown
-  local n; n=$(grep -cE '(WARN|ERROR)' "$1" || true); echo "${n:-0}"
-  ((n > 0)) && grep -E '(WARN|ERROR)' "$1" | head -3 | cut -c1-300 >&2 || true; }
+log_problems() {   # log lines at WARN/ERROR level and panics: count, and the first few shown
+  local n; n=$(grep -cE '(WARN|ERROR|panicked)' "$1" || true); echo "${n:-0}"
+  ((n > 0)) && grep -E '(WARN|ERROR|panicked)' "$1" | head -3 | cut -c1-300 >&2 || true; }
+panics() { local n; n=$(grep -c 'panicked' "$1" || true); echo "${n:-0}"; }
 
 # --- the fake platform (nginx) and the exporter -----------------------------------------
 echo good >"$RUN/token"; echo "$WHSEC" >"$RUN/whsec"; chmod 600 "$RUN/token" "$RUN/whsec"
@@ -211,7 +212,7 @@ bench_burst() {   # rep
   rec burst "$r" startup_s "$startup"; rec burst "$r" shutdown_s "$down"
   rec burst "$r" ok_pct "$okp"; rec burst "$r" recorded "$recorded"; rec burst "$r" recorded_ok "$okrows"
   rec burst "$r" other_pct "$(other_pct "$m0" "$m1" $((c1 - c0 + n1 - n0)) "$secs")"
-  rec burst "$r" log_problems "$(log_problems "$d/cw.log")"
+  rec burst "$r" log_problems "$(log_problems "$d/cw.log")"; rec burst "$r" panics "$(panics "$d/cw.log")"
   log "burst rep $r: $rate probes/s, $cpu_us us CPU/probe, peak RSS $(calc "$hwm / 1024" 1) MiB," \
       "recorded $recorded/$N (ok $okrows), first round ${round1}s, ok $okp %"
   cp "$d/cw.log" "$OUT/burst$r.log"; rm -rf "$d"
@@ -296,7 +297,7 @@ bench_scheduled() {   # rep
   rec scheduled "$r" recorded "$(sqlite3 "$d/cw.db" "SELECT count(*) FROM connections WHERE last_probe_at IS NOT NULL")"
   rec scheduled "$r" probe_result_rows "$(sqlite3 "$d/cw.db" "SELECT count(*) FROM probe_results")"
   rec scheduled "$r" other_pct "$(other_pct "$m0" "$m1" "$(echo -e "$end" | cut -f2)" "$(echo -e "$end" | cut -f1)")"
-  rec scheduled "$r" log_problems "$(log_problems "$d/cw.log")"
+  rec scheduled "$r" log_problems "$(log_problems "$d/cw.log")"; rec scheduled "$r" panics "$(panics "$d/cw.log")"
   cp "$d/samples.tsv" "$OUT/sched$r.samples.tsv"; cp "$d/cw.log" "$OUT/sched$r.log"; cp "$d/m_end.txt" "$OUT/sched$r.metrics.txt"
   log "scheduled rep $r: $(awk -F'\t' -v r="$r" '$1 == "scheduled" && $2 == r {printf "%s=%s ", $3, $4}' "$RAW")"
   rm -rf "$d"
@@ -320,8 +321,8 @@ bench_webhook() {   # rep backend(sqlite|postgres)
   metrics >"$d/metrics.txt"
   stop_pid "$CW"; local down=$STOP_S
   out=$(cat "$d/load.out"); [[ -n $out ]] || { echo "load generator failed: $(head -3 "$d/load.err")" >&2; out="sent 0"; }
-  kv() { awk -v k="$1" '{ for (i = 1; i < NF; i++) if ($i == k) { v = $(i + 1); sub(/\/s$/, "", v); print v; exit } }' <<<"$out"; }
-  local ok sent acc; ok=$(kv ok) sent=$(kv sent) acc=$(( $(kv accepted) + $(awk '{for (i = 1; i < NF; i++) if ($i == "accepted") print $(i + 1)}' "$d/warm.out") ))
+  kv() { awk -v k="$1" '{ for (i = 1; i < NF; i++) if ($i == k) { v = $(i + 1); sub(/\/s$/, "", v); print v; f = 1; exit } } END { if (!f) print 0 }' <<<"$out"; }
+  local ok sent acc; ok=$(kv ok) sent=$(kv sent) acc=$(( $(kv accepted) + $(awk '{for (i = 1; i < NF; i++) if ($i == "accepted") a = $(i + 1)} END {print a + 0}' "$d/warm.out") ))
   local stored
   if [[ $be == sqlite ]]; then stored=$(sqlite3 "$d/cw.db" "SELECT count(*) FROM webhook_events")
   else stored=$(psql "$url" -qAtc "SELECT count(*) FROM webhook_events"); psql "$PG/postgres" -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null; fi
@@ -332,9 +333,10 @@ bench_webhook() {   # rep backend(sqlite|postgres)
   rec "webhook-$be" "$r" gen_cpu_us_per_req "$(kv cpu_us_per_req)"
   [[ $be == postgres ]] && rec "webhook-$be" "$r" pg_cpu_us_per_req "$(calc "($g1 - $g0) / $HZ * 1e6 / ($sent + 0.001)" 1)"
   rec "webhook-$be" "$r" other_pct "$(other_pct "$m0" "$m1" "$(calc "$c1 - $c0 + $g1 - $g0 + $(kv cpu_us_per_req) * $sent * $HZ / 1e6" 0)" "$(calc "$t1 - $t0")")"
-  rec "webhook-$be" "$r" log_problems "$(log_problems "$d/cw.log")"
+  rec "webhook-$be" "$r" log_problems "$(log_problems "$d/cw.log")"; rec "webhook-$be" "$r" panics "$(panics "$d/cw.log")"
   log "webhook $be rep $r: $out; stored $stored (accepted $acc)"
-  cp "$d/cw.log" "$OUT/webhook-$be$r.log"; rm -rf "$d"
+  [[ -s $d/load.err ]] && log "  load generator: $(head -3 "$d/load.err" | tr '\n' ' ' | cut -c1-300)"
+  cp "$d/cw.log" "$OUT/webhook-$be$r.log"; cp "$d/load.err" "$OUT/webhook-$be$r.load.err"; rm -rf "$d"
 }
 
 # --- run: reps interleaved so drift hits every test alike --------------------------------
@@ -374,6 +376,7 @@ spread() {  # test metric -> "median (min-max)" when reps differ
 best() {   # "max"|"min" metric over tests... -> the best reference value
   local how=$1 m=$2 v; shift 2
   for t in "$@"; do v=$(med "$t" "$m"); [[ $v != - ]] && echo "$v"; done | sort -g | { [[ $how == max ]] && tail -1 || head -1; }; }
+worst() { awk -F'\t' -v t="$1" -v m="$2" '$1 == t && $3 == m { if (!n++ || $4 > w) w = $4 } END { print n ? w : "-" }' "$RAW"; }   # max over reps
 verdict() { awk -v v="$1" -v op="$2" -v lim="$3" 'BEGIN { if (v == "-" || v == "" || lim == "" || lim == "-") { print "n/a"; exit }
   ok = (op == "<") ? v + 0 < lim + 0 : (op == "<=") ? v + 0 <= lim + 0 : (op == ">=") ? v + 0 >= lim + 0 : v + 0 > lim + 0
   print ok ? "MET" : "MISSED" }'; }
@@ -401,6 +404,7 @@ S=$OUT/summary.tsv
     printf 'burst\tstart-up s (launch to /metrics)\t%s\t\t\t\n' "$(spread burst startup_s)"
     printf 'burst\trecorded in SQLite (last_probe_at set)\t%s\tof %s\t= N\t%s\n' "$(med burst recorded)" "$N" "$(verdict "$(med burst recorded)" '>=' "$N")"
     printf 'burst\tprobe outcomes ok %%\t%s\t\t100\t\n' "$(med burst ok_pct)"
+    printf 'burst\tworst rep: WARN/ERROR/panic log lines; panics\t%s; %s\t\t\t\n' "$(worst burst log_problems)" "$(worst burst panics)"
     printf 'burst\tnginx GET keep-alive c64 req/s\t\t%s (the ceiling)\t\t\n' "$(med nginx-get-keepalive-c64 rps)"
     printf 'burst\tloadavg / other%% (connwatch; blackbox c64)\t%s / %s\t%s / %s\t\t\n' "$(med burst load1)" "$(med burst other_pct)" "$(med blackbox-c64 load1)" "$(med blackbox-c64 other_pct)"
   fi
@@ -417,7 +421,8 @@ S=$OUT/summary.tsv
       printf 'webhook %s\tconnwatch CPU us/webhook\t%s\tnginx %s\t\t\n' "$be" "$(med "webhook-$be" cpu_us_per_req)" "$(med nginx-post1k-c64 ngx_us_per_req)"
       [[ $be == postgres ]] && printf 'webhook %s\tPostgreSQL server CPU us/webhook\t%s\t\t\t\n' "$be" "$(med "webhook-$be" pg_cpu_us_per_req)"
       printf 'webhook %s\tload generator CPU us/req\t%s\t\t\t\n' "$be" "$(med "webhook-$be" gen_cpu_us_per_req)"
-      printf 'webhook %s\tnon-200 answers; stored - accepted\t%s; %s\t\t0; 0\t\n' "$be" "$(med "webhook-$be" non200)" "$(med "webhook-$be" stored_minus_accepted)"
+      printf 'webhook %s\tworst rep: non-200 answers; stored - accepted; panics\t%s; %s; %s\t\t0; 0; 0\t%s\n' "$be" "$(worst "webhook-$be" non200)" \
+        "$(worst "webhook-$be" stored_minus_accepted)" "$(worst "webhook-$be" panics)" "$(verdict "$(worst "webhook-$be" non200)" '<=' 0)"
       printf 'webhook %s\tloadavg / other%%\t%s / %s\t\t\t\n' "$be" "$(med "webhook-$be" load1)" "$(med "webhook-$be" other_pct)"
     done
   fi
@@ -438,7 +443,7 @@ S=$OUT/summary.tsv
     printf 'scheduled\tprobes/s after 30 s\t%s\texpected %s (N / 300 s)\t\t\n' "$(spread $s probes_per_s)" "$(calc "$SCHED_N / 300" 1)"
     printf 'scheduled\tconnections probed at least once\t%s\tof %s\t\t\n' "$(med $s recorded)" "$SCHED_N"
     printf 'scheduled\tstart-up s (to /metrics; to /readyz); its CPU s\t%s; %s; %s\t\t\t\n' "$(med $s startup_s)" "$(med $s ready_s)" "$(med $s startup_cpu_s)"
-    printf 'scheduled\tWARN/ERROR log lines; shutdown s\t%s; %s\t\t\t\n' "$(med $s log_problems)" "$(med $s shutdown_s)"
+    printf 'scheduled\tworst rep: WARN/ERROR/panic log lines; panics; shutdown s\t%s; %s; %s\t\t\t\n' "$(worst $s log_problems)" "$(worst $s panics)" "$(med $s shutdown_s)"
     printf 'scheduled\tloadavg before / other%%\t%s / %s\t\t\t\n' "$(med $s load1)" "$(med $s other_pct)"
   fi
 } >"$S"

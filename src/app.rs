@@ -31,6 +31,10 @@ use crate::webhook::{self, WebhookState};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How often the fleet-wide gauges are recounted (a count over every connection; scrapes
+/// are typically 15–60 s apart).
+const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+
 /// Hooks for the service manager (systemd notify); no-ops by default.
 #[derive(Clone, Default)]
 pub struct Hooks {
@@ -317,7 +321,11 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         cron,
         drain_deadline: config.probe.timeout + Duration::from_secs(5),
         webhook_state,
-        config,
+        // The connections live in the scheduler's roster; one copy is enough.
+        config: Config {
+            connections: Vec::new(),
+            ..config
+        },
     })
 }
 
@@ -399,7 +407,10 @@ impl Running {
             .filter(|(_, changed)| *changed)
             .map(|(key, _)| key)
             .collect();
-        self.config = config;
+        self.config = Config {
+            connections: Vec::new(),
+            ..config
+        };
         Ok(summary)
     }
 
@@ -461,7 +472,7 @@ async fn refresh_health_gauges(
             metrics.email_outbox_oldest_age.set(0.0);
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = tokio::time::sleep(GAUGE_REFRESH) => {}
             }
             continue;
         }
@@ -514,7 +525,7 @@ async fn refresh_health_gauges(
         }
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = tokio::time::sleep(GAUGE_REFRESH) => {}
         }
     }
 }

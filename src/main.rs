@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use connwatch::config::{Config, ConfigError, LogFormat};
 use connwatch::{commands, demo, service};
 
+// mimalloc hands freed memory back to the system, so the start-up peak of parsing a big
+// config does not stay in the resident set for the daemon's whole life.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "connwatch",

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::classify::{Policy, classify};
 use crate::config::{ConnectionConfig, ProbeConfig};
-use crate::domain::{ConnectionId, Millis, Outcome, ProbeReport, Transition};
+use crate::domain::{ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::store::{Claimed, ProbeRecord, Store, StoreError, now_millis};
@@ -221,6 +221,14 @@ impl Scheduler {
                 tokio::task::yield_now().await;
                 continue;
             }
+            if claimed_full_batch {
+                // Every slot is busy and more is due: go on as soon as a probe finishes.
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    permit = permits.clone().acquire_owned() => drop(permit),
+                }
+                continue;
+            }
             // A little jitter keeps replicas from ticking in lock-step, so they share the
             // due connections evenly over time.
             let pause = TICK.mul_f64(0.75 + rand::random::<f64>() / 2.0);
@@ -338,15 +346,20 @@ impl Scheduler {
                 .transitions
                 .with_label_values(&[transition.to.as_str()])
                 .inc();
-            tracing::info!(
-                connection_id = %record.id,
-                from = %transition.from,
-                to = %transition.to,
-                outcome = ?transition.outcome.map(Outcome::as_str),
-                error_code = ?transition.error_code,
-                request_id = ?transition.request_id,
-                "health changed"
-            );
+            // A first success is routine (100,000 of them at start-up): debug only.
+            if transition.from == Health::Unknown && transition.to == Health::Healthy {
+                tracing::debug!(connection_id = %record.id, "first probe ok");
+            } else {
+                tracing::info!(
+                    connection_id = %record.id,
+                    from = %transition.from,
+                    to = %transition.to,
+                    outcome = ?transition.outcome.map(Outcome::as_str),
+                    error_code = ?transition.error_code,
+                    request_id = ?transition.request_id,
+                    "health changed"
+                );
+            }
             let _ = self.events.send(Event::Transition {
                 id: record.id.clone(),
                 name: connection

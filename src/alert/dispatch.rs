@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Mailer;
 use super::templates::{Audience, Templates, escape_html};
@@ -55,8 +56,7 @@ impl Dispatcher {
             let busy = !jobs.is_empty();
             for job in jobs {
                 let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
-                let _entered = span.enter();
-                self.deliver(job).await;
+                self.deliver(job).instrument(span).await;
             }
             if self.leadership.is_leader() {
                 self.refresh_gauges().await;

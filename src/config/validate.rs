@@ -50,7 +50,9 @@ fn key(name: &str) -> Segment {
 
 struct Checker<'t> {
     text: &'t str,
-    spans: Spanned<DeTable<'t>>,
+    /// Key positions, parsed only when there is a problem to place (a big config costs
+    /// no second tree when it is valid).
+    spans: Option<Option<Spanned<DeTable<'t>>>>,
     problems: Vec<Problem>,
 }
 
@@ -58,7 +60,8 @@ impl<'t> Checker<'t> {
     fn line_of(&self, path: &[Segment]) -> Option<usize> {
         let mut offset = None;
         let mut current: Option<&DeValue<'t>> = None;
-        let mut table: Option<&DeTable<'t>> = Some(self.spans.get_ref());
+        let spans = self.spans.as_ref()?.as_ref()?;
+        let mut table: Option<&DeTable<'t>> = Some(spans.get_ref());
         for segment in path {
             let next = match (segment, table, current) {
                 (Segment::Key(name), Some(table), _) => table
@@ -82,6 +85,9 @@ impl<'t> Checker<'t> {
     }
 
     fn problem(&mut self, path: &[Segment], message: impl Into<String>) {
+        if self.spans.is_none() {
+            self.spans = Some(DeTable::parse(self.text).ok());
+        }
         let line = self.line_of(path);
         self.problems.push(Problem {
             key: render_path(path),
@@ -188,11 +194,10 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             message: error.message().trim().to_owned(),
         }]
     };
-    let spans = DeTable::parse(text).map_err(syntax_problem)?;
-    let table: toml::Table = toml::from_str(text).map_err(syntax_problem)?;
+    let mut table: toml::Table = toml::from_str(text).map_err(syntax_problem)?;
     let mut checker = Checker {
         text,
-        spans,
+        spans: None,
         problems: Vec::new(),
     };
     for name in table.keys() {
@@ -203,7 +208,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
             );
         }
     }
-    let take = |name: &str| table.get(name).cloned();
+    let mut take = |name: &str| table.remove(name);
     let raw_store: RawStore = match take("store") {
         Some(value) => checker.section(value, &[key("store")]).unwrap_or_default(),
         None => RawStore::default(),

@@ -1,5 +1,7 @@
 //! Writing side of probing: config sync, lease claims, recording verdicts, pruning.
 
+use std::collections::HashMap;
+
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -47,6 +49,9 @@ pub struct ProbeRecord {
     pub lease_owner: String,
 }
 
+/// Connections per multi-row upsert in `sync_connections` (13 parameters each).
+const SYNC_CHUNK: usize = 64;
+
 const CLAIM_COLUMNS: &str = "id, platform, health, health_since, consecutive_failures, \
      consecutive_auth_failures, first_failure_at, next_due, last_outcome";
 
@@ -66,80 +71,94 @@ impl Store {
                 .fetch_one(&mut *transaction)
                 .await?
                 .try_get(0)?;
-        for connection in connections {
-            let paused = i64::from(connection.paused);
-            let initial_health = if connection.paused {
-                "paused"
-            } else {
-                "unknown"
-            };
-            let contacts = connection.contacts.join("\n");
-            let existing: Option<(String, i64, i64)> = sqlx::query_as(
-                "SELECT health, paused, operator_paused FROM connections WHERE id = $1",
+        // What is stored now, in one read; then multi-row upserts (a fleet of 100,000
+        // costs a few thousand statements, not 200,000).
+        let existing: HashMap<String, (String, i64, i64)> =
+            sqlx::query_as::<_, (String, String, i64, i64)>(
+                "SELECT id, health, paused, operator_paused FROM connections",
             )
-            .bind(connection.id.as_str())
-            .fetch_optional(&mut *transaction)
-            .await?;
-            match existing {
-                None => {
-                    sqlx::query(
-                        "INSERT INTO connections (id, name, platform, remote_id, active, \
-                         config_generation, paused, health, health_since, next_due, created_at, \
-                         expected_webhook_ms, contacts, reconnect_url) \
-                         VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $8, $10, $11, $12)",
-                    )
-                    .bind(connection.id.as_str())
-                    .bind(&connection.name)
-                    .bind(&connection.platform)
-                    .bind(connection.remote_id.as_deref())
+            .fetch_all(&mut *transaction)
+            .await?
+            .into_iter()
+            .map(|(id, health, paused, operator_paused)| (id, (health, paused, operator_paused)))
+            .collect();
+        for chunk in connections.chunks(SYNC_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO connections (id, name, platform, remote_id, active, config_generation, \
+                 paused, health, health_since, next_due, created_at, expected_webhook_ms, contacts, \
+                 reconnect_url) VALUES ",
+            );
+            for index in 0..chunk.len() {
+                let base = index * 13;
+                if index > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                for column in 1..=13 {
+                    if column == 5 {
+                        sql.push_str("1, ");
+                    }
+                    sql.push_str(&format!("${}", base + column));
+                    if column < 13 {
+                        sql.push_str(", ");
+                    }
+                }
+                sql.push(')');
+            }
+            sql.push_str(
+                " ON CONFLICT (id) DO UPDATE SET name = excluded.name, platform = excluded.platform, \
+                 remote_id = excluded.remote_id, active = 1, \
+                 config_generation = excluded.config_generation, paused = excluded.paused, \
+                 expected_webhook_ms = excluded.expected_webhook_ms, contacts = excluded.contacts, \
+                 reconnect_url = excluded.reconnect_url",
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for connection in chunk {
+                let initial_health = if connection.paused {
+                    "paused"
+                } else {
+                    "unknown"
+                };
+                query = query
+                    .bind(connection.id.as_str().to_owned())
+                    .bind(connection.name.clone())
+                    .bind(connection.platform.clone())
+                    .bind(connection.remote_id.clone())
                     .bind(generation)
-                    .bind(paused)
+                    .bind(i64::from(connection.paused))
                     .bind(initial_health)
                     .bind(now)
                     .bind(connection.first_due)
+                    .bind(now)
                     .bind(connection.expected_webhook_ms)
-                    .bind(&contacts)
-                    .bind(connection.reconnect_url.as_deref())
-                    .execute(&mut *transaction)
-                    .await?;
-                }
-                Some((health, was_paused, operator_paused)) => {
-                    sqlx::query(
-                        "UPDATE connections SET name = $2, platform = $3, remote_id = $4, \
-                         active = 1, config_generation = $5, paused = $6, expected_webhook_ms = $7, \
-                         contacts = $8, reconnect_url = $9 WHERE id = $1",
-                    )
-                    .bind(connection.id.as_str())
-                    .bind(&connection.name)
-                    .bind(&connection.platform)
-                    .bind(connection.remote_id.as_deref())
-                    .bind(generation)
-                    .bind(paused)
-                    .bind(connection.expected_webhook_ms)
-                    .bind(&contacts)
-                    .bind(connection.reconnect_url.as_deref())
-                    .execute(&mut *transaction)
-                    .await?;
-                    let was = was_paused != 0 || operator_paused != 0;
-                    let now_paused = connection.paused || operator_paused != 0;
-                    if was != now_paused {
-                        let from = parse_health(&health)?;
-                        let to = if now_paused {
-                            Health::Paused
-                        } else {
-                            Health::Unknown
-                        };
-                        set_health_by_operator(
-                            &mut transaction,
-                            mail.as_ref(),
-                            &connection.id,
-                            from,
-                            to,
-                            now,
-                        )
-                        .await?;
-                    }
-                }
+                    .bind(connection.contacts.join("\n"))
+                    .bind(connection.reconnect_url.clone());
+            }
+            query.execute(&mut *transaction).await?;
+        }
+        for connection in connections {
+            let Some((health, was_paused, operator_paused)) = existing.get(connection.id.as_str())
+            else {
+                continue;
+            };
+            let was = *was_paused != 0 || *operator_paused != 0;
+            let now_paused = connection.paused || *operator_paused != 0;
+            if was != now_paused {
+                let from = parse_health(health)?;
+                let to = if now_paused {
+                    Health::Paused
+                } else {
+                    Health::Unknown
+                };
+                set_health_by_operator(
+                    &mut transaction,
+                    mail.as_ref(),
+                    &connection.id,
+                    from,
+                    to,
+                    now,
+                )
+                .await?;
             }
         }
         let deactivated = sqlx::query(

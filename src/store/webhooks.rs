@@ -1,11 +1,28 @@
 //! Webhook deliveries, quiet tracking, polling progress and the relay outbox.
 
+use std::collections::{HashMap, HashSet};
+
 use sqlx::Row;
 
 use super::probes::{apply_transition, parse_health, parse_id};
 use super::{Backend, Store, StoreError};
 use crate::classify::{ConnectionState, reauth_by_webhook};
 use crate::domain::{Cause, ConnectionId, Health, Millis, Transition};
+
+/// Rows per multi-row INSERT (9 parameters each stays far below every backend's limit).
+const INSERT_CHUNK: usize = 64;
+
+/// id, health, health_since, consecutive_failures, quiet, first_failure_at.
+type ConnectionRow = (String, String, i64, i64, i64, Option<i64>);
+
+/// What a batch of deliveries did for one connection.
+#[derive(Debug, Default)]
+struct Activity {
+    last: Millis,
+    newest_change: Option<Millis>,
+    reauth: bool,
+    reconnected: bool,
+}
 
 /// A verified webhook delivery, ready to store.
 #[derive(Debug, Clone)]
@@ -74,122 +91,239 @@ pub struct RelayMessage {
 impl Store {
     /// Stores deliveries in one transaction (durable before any is answered): de-duplicates
     /// by webhook id, marks activity, leaves quiet, records delivered changes, advances the
-    /// watermark and applies reauth / reconnect events.
+    /// watermark and applies reauth / reconnect events. Statements are per batch and per
+    /// connection, not per delivery, so a busy platform's deliveries share the cost.
     pub async fn record_webhooks(
         &self,
         deliveries: &[WebhookDelivery],
     ) -> Result<Vec<WebhookStored>, StoreError> {
         let mail = self.mail_policy();
         let mut transaction = self.begin_write().await?;
-        let mut results = Vec::with_capacity(deliveries.len());
+        // The connections the batch names, each looked up once.
+        let mut connections: HashMap<(&str, &str), Option<ConnectionRow>> = HashMap::new();
         for delivery in deliveries {
-            let connection: Option<(String, String, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+            let key = (delivery.platform.as_str(), delivery.remote_id.as_str());
+            if connections.contains_key(&key) {
+                continue;
+            }
+            let row: Option<ConnectionRow> = sqlx::query_as(
                 "SELECT id, health, health_since, consecutive_failures, quiet, first_failure_at \
                  FROM connections WHERE platform = $1 AND remote_id = $2 AND active = 1",
             )
-            .bind(&delivery.platform)
-            .bind(&delivery.remote_id)
+            .bind(key.0)
+            .bind(key.1)
             .fetch_optional(&mut *transaction)
             .await?;
-            let inserted = sqlx::query(
+            connections.insert(key, row);
+        }
+        // Every delivery in multi-row inserts; the ids returned are the new ones.
+        let mut inserted: HashSet<(String, String)> = HashSet::new();
+        for chunk in deliveries.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
                 "INSERT INTO webhook_events (platform, webhook_id, received_at, connection_id, \
-                 remote_id, event_type, change_id, change_updated, body) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (platform, webhook_id) DO NOTHING",
-            )
-            .bind(&delivery.platform)
-            .bind(&delivery.webhook_id)
-            .bind(delivery.received_at)
-            .bind(connection.as_ref().map(|row| row.0.as_str()))
-            .bind(&delivery.remote_id)
-            .bind(delivery.event_type.as_deref())
-            .bind(delivery.change_id.as_deref())
-            .bind(delivery.change_updated)
-            .bind(&delivery.body)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
+                 remote_id, event_type, change_id, change_updated, body) VALUES ",
+            );
+            for index in 0..chunk.len() {
+                let base = index * 9;
+                if index > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    base + 1,
+                    base + 2,
+                    base + 3,
+                    base + 4,
+                    base + 5,
+                    base + 6,
+                    base + 7,
+                    base + 8,
+                    base + 9
+                ));
+            }
+            sql.push_str(
+                " ON CONFLICT (platform, webhook_id) DO NOTHING RETURNING platform, webhook_id",
+            );
+            let mut query = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql));
+            for delivery in chunk {
+                let connection = connections
+                    .get(&(delivery.platform.as_str(), delivery.remote_id.as_str()))
+                    .and_then(|row| row.as_ref().map(|row| row.0.clone()));
+                query = query
+                    .bind(delivery.platform.clone())
+                    .bind(delivery.webhook_id.clone())
+                    .bind(delivery.received_at)
+                    .bind(connection)
+                    .bind(delivery.remote_id.clone())
+                    .bind(delivery.event_type.clone())
+                    .bind(delivery.change_id.clone())
+                    .bind(delivery.change_updated)
+                    .bind(delivery.body.clone());
+            }
+            inserted.extend(query.fetch_all(&mut *transaction).await?);
+        }
+        let mut results = Vec::with_capacity(deliveries.len());
+        let mut activity: Vec<(ConnectionId, Activity)> = Vec::new();
+        let mut changes: Vec<(String, String, Millis, Millis)> = Vec::new();
+        for delivery in deliveries {
+            // The first delivery of an id in the batch is the new one; repeats are duplicates.
+            if !inserted.remove(&(delivery.platform.clone(), delivery.webhook_id.clone())) {
                 results.push(WebhookStored::Duplicate);
                 continue;
             }
-            let Some((raw_id, health, health_since, failures, quiet, first_failure_at)) =
-                connection
-            else {
+            let row = connections
+                .get(&(delivery.platform.as_str(), delivery.remote_id.as_str()))
+                .and_then(Option::as_ref);
+            let Some(row) = row else {
                 results.push(WebhookStored::UnknownConnection);
                 continue;
             };
-            let id = parse_id(&raw_id)?;
-            let health = parse_health(&health)?;
-            let now = delivery.received_at;
-            sqlx::query(
-                "UPDATE connections SET last_webhook_at = $2, quiet = 0, quiet_since = NULL, \
-                 watermark = CASE WHEN $3 IS NULL THEN watermark \
-                   WHEN watermark IS NULL OR watermark < $3 THEN $3 ELSE watermark END \
-                 WHERE id = $1",
-            )
-            .bind(id.as_str())
-            .bind(now)
-            .bind(delivery.change_updated)
-            .execute(&mut *transaction)
-            .await?;
-            if quiet != 0 {
-                apply_transition(
-                    &mut transaction,
-                    mail.as_ref(),
-                    &id,
-                    &quiet_transition(health, Cause::WebhooksResumed, now),
-                )
-                .await?;
-            }
+            let id = parse_id(&row.0)?;
             if let Some(change_id) = &delivery.change_id {
-                insert_seen_change(
-                    &mut transaction,
-                    &id,
-                    change_id,
+                changes.push((
+                    row.0.clone(),
+                    change_id.clone(),
                     delivery.change_updated.unwrap_or(-1),
-                    "webhook",
-                    now,
-                )
-                .await?;
+                    delivery.received_at,
+                ));
             }
-            let mut entered = None;
-            if delivery.reauth {
-                let state = ConnectionState {
-                    health,
-                    health_since,
-                    consecutive_failures: u32::try_from(failures).unwrap_or(u32::MAX),
-                    consecutive_auth_failures: 0,
-                    first_failure_at,
-                };
-                if let Some(transition) = reauth_by_webhook(&state, now) {
-                    sqlx::query(
-                        "UPDATE connections SET health = 'needs_reauth', health_since = $2, \
-                         first_failure_at = COALESCE(first_failure_at, $2) WHERE id = $1",
-                    )
-                    .bind(id.as_str())
-                    .bind(now)
-                    .execute(&mut *transaction)
-                    .await?;
-                    apply_transition(&mut transaction, mail.as_ref(), &id, &transition).await?;
-                    entered = Some(Health::NeedsReauth);
+            let position = match activity.iter().position(|(known, _)| *known == id) {
+                Some(position) => position,
+                None => {
+                    activity.push((id.clone(), Activity::default()));
+                    activity.len() - 1
                 }
-            }
-            if delivery.reauth || delivery.reconnected {
-                // A confirming probe now: the circuit breaker yields to the platform's word.
-                sqlx::query("UPDATE connections SET next_due = $2 WHERE id = $1")
-                    .bind(id.as_str())
-                    .bind(now)
-                    .execute(&mut *transaction)
-                    .await?;
-            }
+            };
+            let entry = &mut activity[position].1;
+            entry.last = entry.last.max(delivery.received_at);
+            entry.newest_change = entry.newest_change.max(delivery.change_updated);
+            entry.reauth |= delivery.reauth;
+            entry.reconnected |= delivery.reconnected;
             results.push(WebhookStored::Accepted {
                 connection: id,
-                transition: entered,
+                transition: None,
             });
+        }
+        for chunk in changes.chunks(INSERT_CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
+            );
+            for index in 0..chunk.len() {
+                let base = index * 4;
+                if index > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, 'webhook', ${})",
+                    base + 1,
+                    base + 2,
+                    base + 3,
+                    base + 4
+                ));
+            }
+            sql.push_str(" ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING");
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (connection, change_id, updated_at, seen_at) in chunk {
+                query = query
+                    .bind(connection.clone())
+                    .bind(change_id.clone())
+                    .bind(*updated_at)
+                    .bind(*seen_at);
+            }
+            query.execute(&mut *transaction).await?;
+        }
+        for (id, seen) in &activity {
+            let row = connections
+                .values()
+                .flatten()
+                .find(|row| row.0 == id.as_str())
+                .expect("every active connection was looked up");
+            let entered = self
+                .apply_activity(&mut transaction, mail.as_ref(), id, row, seen)
+                .await?;
+            if entered.is_some() {
+                for result in results.iter_mut() {
+                    if let WebhookStored::Accepted {
+                        connection,
+                        transition,
+                    } = result
+                        && connection == id
+                        && transition.is_none()
+                    {
+                        *transition = entered;
+                        break;
+                    }
+                }
+            }
         }
         transaction.commit().await?;
         Ok(results)
+    }
+
+    /// One connection's webhook activity of a batch: last seen, quiet over, watermark,
+    /// reauth (a transition at once) and reconnect (a probe at once).
+    async fn apply_activity(
+        &self,
+        transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+        mail: Option<&super::MailPolicy>,
+        id: &ConnectionId,
+        row: &ConnectionRow,
+        seen: &Activity,
+    ) -> Result<Option<Health>, StoreError> {
+        let (_, health, health_since, failures, quiet, first_failure_at) = row;
+        let health = parse_health(health)?;
+        let now = seen.last;
+        sqlx::query(
+            "UPDATE connections SET last_webhook_at = $2, quiet = 0, quiet_since = NULL, \
+             watermark = CASE WHEN $3 IS NULL THEN watermark \
+               WHEN watermark IS NULL OR watermark < $3 THEN $3 ELSE watermark END \
+             WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .bind(seen.newest_change)
+        .execute(&mut **transaction)
+        .await?;
+        if *quiet != 0 {
+            apply_transition(
+                transaction,
+                mail,
+                id,
+                &quiet_transition(health, Cause::WebhooksResumed, now),
+            )
+            .await?;
+        }
+        let mut entered = None;
+        if seen.reauth {
+            let state = ConnectionState {
+                health,
+                health_since: *health_since,
+                consecutive_failures: u32::try_from(*failures).unwrap_or(u32::MAX),
+                consecutive_auth_failures: 0,
+                first_failure_at: *first_failure_at,
+            };
+            if let Some(transition) = reauth_by_webhook(&state, now) {
+                sqlx::query(
+                    "UPDATE connections SET health = 'needs_reauth', health_since = $2, \
+                     first_failure_at = COALESCE(first_failure_at, $2) WHERE id = $1",
+                )
+                .bind(id.as_str())
+                .bind(now)
+                .execute(&mut **transaction)
+                .await?;
+                apply_transition(transaction, mail, id, &transition).await?;
+                entered = Some(Health::NeedsReauth);
+            }
+        }
+        if seen.reauth || seen.reconnected {
+            // A confirming probe now: the circuit breaker yields to the platform's word.
+            sqlx::query("UPDATE connections SET next_due = $2 WHERE id = $1")
+                .bind(id.as_str())
+                .bind(now)
+                .execute(&mut **transaction)
+                .await?;
+        }
+        Ok(entered)
     }
 
     /// Marks connections whose last webhook (or start of monitoring) is older than their

@@ -21,6 +21,7 @@ use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::config::{PlatformConfig, PlatformWebhooks, SignatureScheme};
 use crate::domain::Millis;
@@ -212,12 +213,17 @@ async fn receive(
     };
     let span =
         tracing::info_span!("webhook", platform = %platform, remote_id = %delivery.remote_id);
-    let _entered = span.enter();
     let (reply, stored) = oneshot::channel();
     if state.writer.send((delivery, reply)).await.is_err() {
+        tracing::error!(parent: &span, "the webhook writer is gone; answering 503");
         return answer(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
     }
-    match tokio::time::timeout(Duration::from_secs(10), stored).await {
+    // The span is entered only around synchronous code, never across an await.
+    let waited = tokio::time::timeout(Duration::from_secs(10), stored)
+        .instrument(span.clone())
+        .await;
+    let _entered = span.enter();
+    match waited {
         Ok(Ok(Ok(WebhookStored::Accepted { connection, .. }))) => {
             count("accepted");
             tracing::debug!(connection_id = %connection, "webhook stored");
