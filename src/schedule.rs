@@ -26,6 +26,8 @@ const TICK: Duration = Duration::from_millis(200);
 const CLAIM_BATCH: u32 = 500;
 /// Most probe results written in one transaction.
 const WRITE_BATCH: usize = 512;
+/// How long the writer gathers results before a commit.
+const WRITE_GATHER: Duration = Duration::from_millis(25);
 
 /// Something worth telling a watcher of the daemon (the demo, tests).
 #[derive(Debug, Clone)]
@@ -288,6 +290,21 @@ impl Scheduler {
     async fn write_results(self, mut receiver: mpsc::Receiver<ProbeRecord>) {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         while receiver.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+            // Gather for a moment: one commit for many results costs a fraction of many
+            // commits (the WAL pages of the table and its index are written once).
+            let gather = tokio::time::sleep(WRITE_GATHER);
+            tokio::pin!(gather);
+            while batch.len() < WRITE_BATCH {
+                let room = WRITE_BATCH - batch.len();
+                tokio::select! {
+                    () = &mut gather => break,
+                    received = receiver.recv_many(&mut batch, room) => {
+                        if received == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
             self.store_batch(&batch).await;
             batch.clear();
         }

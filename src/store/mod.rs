@@ -15,6 +15,8 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Transaction};
 
+use crate::domain::Millis;
+
 pub use outbox::{EmailJob, MailPolicy, StormChange};
 pub use probes::{Claimed, ProbeRecord, SyncConnection};
 pub use read::{ConnectionDetail, ConnectionSummary, IncidentRow, ProbeRow, TransitionRow};
@@ -140,6 +142,59 @@ impl Store {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
         })
+    }
+}
+
+/// A lease claim: which rows of which table are due, in what order, and what to return.
+pub(super) struct LeaseClaim {
+    pub table: &'static str,
+    pub owner_column: &'static str,
+    pub until_column: &'static str,
+    /// SQL condition for a due row; `$3` is now.
+    pub due: &'static str,
+    pub order: &'static str,
+    pub returning: &'static str,
+}
+
+impl Store {
+    /// Leases up to `limit` due rows to `owner` until `lease_until`, in one write
+    /// transaction; on PostgreSQL `FOR UPDATE SKIP LOCKED`, so replicas never claim a row
+    /// twice. A row whose lease expired (its holder died) is due again.
+    pub(super) async fn claim_leased(
+        &self,
+        claim: &LeaseClaim,
+        now: Millis,
+        limit: u32,
+        owner: &str,
+        lease_until: Millis,
+    ) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
+        let lock = match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        };
+        let LeaseClaim {
+            table,
+            owner_column,
+            until_column,
+            due,
+            order,
+            returning,
+        } = claim;
+        let sql = format!(
+            "UPDATE {table} SET {owner_column} = $1, {until_column} = $2 WHERE id IN \
+             (SELECT id FROM {table} WHERE {due} AND {until_column} <= $3 \
+              ORDER BY {order} LIMIT $4 {lock}) RETURNING {returning}"
+        );
+        let mut transaction = self.begin_write().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(rows)
     }
 }
 

@@ -5,7 +5,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use super::{Backend, Store, StoreError};
+use super::{LeaseClaim, Store, StoreError};
 use crate::domain::{ConnectionId, Health, Millis, Transition, wire};
 
 /// What the outbox needs from `[email]` to plan emails inside a transition's transaction.
@@ -56,8 +56,12 @@ pub enum StormChange {
 /// three customers, two of them broken, still tells those two customers.
 pub const STORM_SHARE_FLOOR: i64 = 5;
 
+/// A pending email that is due; per-connection emails of a platform in a storm wait.
+const PENDING_EMAIL: &str = "state = 'pending' AND next_attempt_at <= $3 \
+     AND NOT (kind IN ('reauth_required', 'reminder', 'unreachable') AND platform IN \
+     (SELECT platform FROM storms WHERE ended_at IS NULL))";
+
 const OPENING_KINDS: &str = "('reauth_required', 'unreachable')";
-const PER_CONNECTION_KINDS: &str = "('reauth_required', 'reminder', 'unreachable')";
 
 fn message_id(dedupe_key: &str, domain: &str) -> String {
     let digest = Sha256::digest(dedupe_key.as_bytes());
@@ -252,26 +256,20 @@ impl Store {
         owner: &str,
         lease_until: Millis,
     ) -> Result<Vec<EmailJob>, StoreError> {
-        let lock = match self.backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        let claim = LeaseClaim {
+            table: "email_outbox",
+            owner_column: "lease_owner",
+            until_column: "lease_until",
+            due: PENDING_EMAIL,
+            order: "next_attempt_at",
+            returning: "id",
         };
-        let sql = format!(
-            "UPDATE email_outbox SET lease_owner = $1, lease_until = $2 WHERE id IN \
-             (SELECT id FROM email_outbox WHERE state = 'pending' AND next_attempt_at <= $3 \
-              AND lease_until <= $3 AND NOT (kind IN {PER_CONNECTION_KINDS} AND platform IN \
-              (SELECT platform FROM storms WHERE ended_at IS NULL)) \
-              ORDER BY next_attempt_at LIMIT $4 {lock}) RETURNING id"
-        );
-        let mut transaction = self.begin_write().await?;
-        let ids: Vec<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(owner)
-            .bind(lease_until)
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
+        let ids = self
+            .claim_leased(&claim, now, limit, owner, lease_until)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get::<i64, _>(0)?,)))
+            .collect::<Result<Vec<(i64,)>, StoreError>>()?;
         let mut jobs = Vec::with_capacity(ids.len());
         for (id,) in ids {
             let row = sqlx::query(

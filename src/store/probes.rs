@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::outbox::{self, MailPolicy};
-use super::{Backend, Store, StoreError};
+use super::{LeaseClaim, Store, StoreError};
 use crate::classify::{ConnectionState, Verdict};
 use crate::domain::{Cause, ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
 
@@ -182,25 +182,17 @@ impl Store {
         owner: &str,
         lease_until: Millis,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let lock = match self.backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        let claim = LeaseClaim {
+            table: "connections",
+            owner_column: "lease_owner",
+            until_column: "lease_until",
+            due: "active = 1 AND next_due <= $3",
+            order: "next_due",
+            returning: CLAIM_COLUMNS,
         };
-        let sql = format!(
-            "UPDATE connections SET lease_owner = $1, lease_until = $2 WHERE id IN \
-             (SELECT id FROM connections WHERE active = 1 AND next_due <= $3 \
-              AND lease_until <= $3 ORDER BY next_due LIMIT $4 {lock}) \
-             RETURNING {CLAIM_COLUMNS}"
-        );
-        let mut transaction = self.begin_write().await?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(owner)
-            .bind(lease_until)
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *transaction)
+        let rows = self
+            .claim_leased(&claim, now, limit, owner, lease_until)
             .await?;
-        transaction.commit().await?;
         rows.iter().map(claimed_from_row).collect()
     }
 

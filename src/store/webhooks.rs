@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::Row;
 
 use super::probes::{apply_transition, parse_health, parse_id};
-use super::{Backend, Store, StoreError};
+use super::{LeaseClaim, Store, StoreError};
 use crate::classify::{ConnectionState, reauth_by_webhook};
 use crate::domain::{Cause, ConnectionId, Health, Millis, Transition};
 
@@ -363,26 +363,18 @@ impl Store {
         owner: &str,
         lease_until: Millis,
     ) -> Result<Vec<PollClaim>, StoreError> {
-        let lock = match self.backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        let claim = LeaseClaim {
+            table: "connections",
+            owner_column: "poll_lease_owner",
+            until_column: "poll_lease_until",
+            due: "active = 1 AND quiet = 1 AND next_poll_at <= $3",
+            order: "next_poll_at",
+            returning: "id, platform, poll_since, poll_cursor, poll_max_seen, \
+                        COALESCE(watermark, last_webhook_at, created_at) AS watermark",
         };
-        let sql = format!(
-            "UPDATE connections SET poll_lease_owner = $1, poll_lease_until = $2 WHERE id IN \
-             (SELECT id FROM connections WHERE active = 1 AND quiet = 1 AND next_poll_at <= $3 \
-              AND poll_lease_until <= $3 ORDER BY next_poll_at LIMIT $4 {lock}) \
-             RETURNING id, platform, poll_since, poll_cursor, poll_max_seen, \
-             COALESCE(watermark, last_webhook_at, created_at) AS watermark"
-        );
-        let mut transaction = self.begin_write().await?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(owner)
-            .bind(lease_until)
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *transaction)
+        let rows = self
+            .claim_leased(&claim, now, limit, owner, lease_until)
             .await?;
-        transaction.commit().await?;
         rows.iter()
             .map(|row| {
                 Ok(PollClaim {
@@ -542,25 +534,27 @@ impl Store {
         owner: &str,
         lease_until: Millis,
     ) -> Result<Vec<RelayMessage>, StoreError> {
-        let lock = match self.backend {
-            Backend::Sqlite => "",
-            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        let claim = LeaseClaim {
+            table: "relay_outbox",
+            owner_column: "lease_owner",
+            until_column: "lease_until",
+            due: "state = 'pending' AND next_attempt_at <= $3",
+            order: "next_attempt_at",
+            returning: "id, webhook_id, payload, attempts",
         };
-        let sql = format!(
-            "UPDATE relay_outbox SET lease_owner = $1, lease_until = $2 WHERE id IN \
-             (SELECT id FROM relay_outbox WHERE state = 'pending' AND next_attempt_at <= $3 \
-              AND lease_until <= $3 ORDER BY next_attempt_at LIMIT $4 {lock}) \
-             RETURNING id, webhook_id, payload, attempts"
-        );
-        let mut transaction = self.begin_write().await?;
-        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(owner)
-            .bind(lease_until)
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
+        let rows = self
+            .claim_leased(&claim, now, limit, owner, lease_until)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                    row.try_get(3)?,
+                ))
+            })
+            .collect::<Result<Vec<(i64, String, String, i64)>, StoreError>>()?;
         Ok(rows
             .into_iter()
             .map(|(id, webhook_id, payload, attempts)| RelayMessage {
