@@ -30,6 +30,16 @@ struct Setup {
 
 /// Writes secrets and builds a config with webhooks (+ changes, + relay when asked).
 async fn setup(kind: Kind, ids: &[&str], webhooks: &str, relay: bool) -> Setup {
+    setup_with_interval(kind, ids, webhooks, relay, "1s").await
+}
+
+async fn setup_with_interval(
+    kind: Kind,
+    ids: &[&str],
+    webhooks: &str,
+    relay: bool,
+    probe_interval: &str,
+) -> Setup {
     let db = TestDb::new(kind).await;
     let platform = FakePlatform::start().await.expect("platform");
     std::fs::write(db.path().join("webhook.secret"), SECRET).expect("secret");
@@ -55,6 +65,10 @@ async fn setup(kind: Kind, ids: &[&str], webhooks: &str, relay: bool) -> Setup {
         ],
         &connections,
         "",
+    )
+    .replace(
+        "interval = \"1s\"",
+        &format!("interval = \"{probe_interval}\""),
     )
     .replace(
         "admin = \"127.0.0.1:0\"",
@@ -651,26 +665,42 @@ async fn postgres_quiet_connection_is_polled_and_missed_changes_are_relayed_once
 
 #[tokio::test]
 async fn an_auth_failure_while_polling_counts_as_an_auth_failure_of_the_connection() {
+    // Probes are an hour apart, so the revoked token is first met by a poll.
     let webhooks = "expected_interval = \"1s\"\ngrace = \"200ms\"\npoll_interval = \"1s\"";
-    let setup = setup(Kind::Sqlite, &["acme"], webhooks, false).await;
-    eventually(Duration::from_secs(5), "healthy", || async {
-        (setup.running.store.list_connections().await.ok()?[0].health == Health::Healthy)
-            .then_some(())
+    let setup = setup_with_interval(Kind::Sqlite, &["acme"], webhooks, false, "1h").await;
+    setup.platform.set("tok-acme", Behaviour::Revoked);
+    eventually(Duration::from_secs(8), "a failed poll", || async {
+        let failed = metric(
+            &setup.running,
+            "connwatch_polls_total{platform=\"makini\",result=\"auth_failed\"}",
+        )
+        .await;
+        (failed >= 1.0).then_some(())
     })
     .await;
-    setup.platform.set("tok-acme", Behaviour::Revoked);
-    eventually(Duration::from_secs(8), "needs_reauth", || async {
+    // The poll's auth failure counted as the first of the streak; the confirming probe
+    // (confirm_after) makes it the second: needs_reauth long before the hourly probe.
+    eventually(Duration::from_secs(5), "needs_reauth", || async {
         (setup.running.store.list_connections().await.ok()?[0].health == Health::NeedsReauth)
             .then_some(())
     })
     .await;
-    assert!(
-        metric(
-            &setup.running,
-            "connwatch_polls_total{platform=\"makini\",result=\"auth_failed\"}"
-        )
+    let id = ConnectionId::parse("acme").expect("id");
+    let detail = setup
+        .running
+        .store
+        .connection_detail(&id)
         .await
-            >= 1.0
+        .expect("read")
+        .expect("exists");
+    assert!(
+        detail
+            .probes
+            .iter()
+            .filter(|probe| probe.outcome == connwatch::domain::Outcome::AuthFailed)
+            .count()
+            >= 2,
+        "the poll's failure is recorded like a probe's"
     );
     setup.running.shutdown().await;
 }
