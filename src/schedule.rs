@@ -182,7 +182,8 @@ impl Scheduler {
         let permits = Arc::new(Semaphore::new(self.settings().concurrency as usize));
         let (results, receiver) = mpsc::channel::<ProbeRecord>(4 * WRITE_BATCH);
         let writer = tokio::spawn(self.clone().write_results(receiver));
-        loop {
+        // Shutdown stops claiming at once, even while due work keeps the loop busy.
+        while !cancel.is_cancelled() {
             let now = now_millis();
             self.last_tick.store(now, Ordering::Relaxed);
             self.metrics.scheduler_last_tick.set(now as f64 / 1000.0);
