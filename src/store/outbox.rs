@@ -106,6 +106,37 @@ async fn enqueue(
     Ok(())
 }
 
+/// One `staff_digest` per staff recipient, keyed `{key}:{recipient}` (so once per key).
+async fn enqueue_staff_digest(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    policy: &MailPolicy,
+    key: &str,
+    payload: &str,
+    due: Millis,
+    now: Millis,
+) -> Result<(), StoreError> {
+    for recipient in &policy.staff {
+        let dedupe_key = format!("{key}:{recipient}");
+        let payload = Some(payload.to_owned());
+        enqueue(
+            transaction,
+            policy,
+            dedupe_key,
+            None,
+            None,
+            "staff_digest",
+            "staff",
+            recipient,
+            0,
+            payload,
+            due,
+            now,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Plans the emails of an incident that just opened.
 pub(super) async fn plan_opened(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -455,25 +486,16 @@ impl Store {
                         "platform": platform,
                     })
                     .to_string();
-                    for recipient in &policy.staff {
-                        let key = format!("storm:{storm_id}:{recipient}");
-                        let due = now + policy.hold;
-                        enqueue(
-                            &mut transaction,
-                            &policy,
-                            key,
-                            None,
-                            None,
-                            "staff_digest",
-                            "staff",
-                            recipient,
-                            0,
-                            Some(payload.clone()),
-                            due,
-                            now,
-                        )
-                        .await?;
-                    }
+                    let key = format!("storm:{storm_id}");
+                    enqueue_staff_digest(
+                        &mut transaction,
+                        &policy,
+                        &key,
+                        &payload,
+                        now + policy.hold,
+                        now,
+                    )
+                    .await?;
                     changes.push(StormChange::Began {
                         platform: platform.clone(),
                         connections: open,
@@ -513,24 +535,8 @@ impl Store {
             return Ok(false);
         }
         let payload = json!({ "title": format!("Open incidents on {date}") }).to_string();
-        for recipient in &policy.staff {
-            let key = format!("daily:{date}:{recipient}");
-            enqueue(
-                &mut transaction,
-                &policy,
-                key,
-                None,
-                None,
-                "staff_digest",
-                "staff",
-                recipient,
-                0,
-                Some(payload.clone()),
-                now,
-                now,
-            )
-            .await?;
-        }
+        let key = format!("daily:{date}");
+        enqueue_staff_digest(&mut transaction, &policy, &key, &payload, now, now).await?;
         transaction.commit().await?;
         Ok(true)
     }
