@@ -639,3 +639,59 @@ async fn kill_9_between_send_and_mark_sent_loses_nothing_and_resends_with_the_sa
         "{states:?}"
     );
 }
+
+#[tokio::test]
+async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
+    let folder = tempfile::tempdir().expect("dir");
+    let smtp = SmtpServer::start(folder.path(), SmtpOptions::default());
+    let setup = setup(Kind::Sqlite, 2, smtp.port, "hold = \"30s\"").await;
+    let running = &setup.running;
+    let now = connwatch::store::now_millis();
+    assert!(
+        !running
+            .store
+            .enqueue_daily_digest("2026-11-28", now)
+            .await
+            .expect("digest"),
+        "nothing open, no digest"
+    );
+    wait_health(running, "acme", Health::Healthy, 5).await;
+    setup.platform.set("tok_SECRET_acme", Behaviour::Revoked);
+    wait_health(running, "acme", Health::NeedsReauth, 5).await;
+    // The cron job calls this every minute after the configured local time; repeats (and
+    // other replicas) enqueue nothing more for the same date.
+    for _ in 0..3 {
+        running
+            .store
+            .enqueue_daily_digest("2026-11-28", now)
+            .await
+            .expect("digest");
+    }
+    eventually(Duration::from_secs(10), "the digest", || async {
+        (!smtp.messages().is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let messages = smtp.messages();
+    assert_eq!(
+        messages.len(),
+        1,
+        "one digest, and the 30 s hold keeps the per-connection emails back"
+    );
+    assert_eq!(messages[0].to, [STAFF]);
+    assert!(
+        messages[0]
+            .subject()
+            .starts_with("Open incidents on 2026-11-28: 1 connection(s)"),
+        "{}",
+        messages[0].subject()
+    );
+    assert!(
+        messages[0]
+            .body()
+            .contains("acme (Customer acme) on makini: needs_reauth"),
+        "{}",
+        messages[0].body()
+    );
+    setup.running.shutdown().await;
+}
