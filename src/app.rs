@@ -382,7 +382,16 @@ impl Running {
             }
         }
         let old_config = &self.config;
-        let checks: [(&'static str, bool); 6] = [
+        let checks: [(&'static str, bool); 9] = [
+            (
+                "server.admin_token",
+                old_config.server.admin_token != config.server.admin_token,
+            ),
+            ("relay", relay_changed(old_config, &config)),
+            (
+                "webhooks (quiet and polling settings)",
+                webhooks_changed(old_config, &config),
+            ),
             ("store", old_config.store.url != config.store.url),
             (
                 "server.admin",
@@ -577,8 +586,36 @@ fn email_transport_changed(old: &Config, new: &Config) -> bool {
                 || old.from != new.from
                 || old.templates != new.templates
                 || old.username != new.username
+                || old.password != new.password
+                || old.ca_file != new.ca_file
+                || old.timeout != new.timeout
+                || old.hold != new.hold
+                || old.storm_window != new.storm_window
+                || old.storm_min_connections != new.storm_min_connections
+                || old.storm_share != new.storm_share
         }
         (None, None) => false,
         (Some(_), None) | (None, Some(_)) => true,
     }
+}
+
+fn relay_changed(old: &Config, new: &Config) -> bool {
+    match (&old.relay, &new.relay) {
+        (Some(old), Some(new)) => {
+            old.url != new.url
+                || old.secret != new.secret
+                || old.timeout != new.timeout
+                || old.max_attempts != new.max_attempts
+        }
+        (None, None) => false,
+        (Some(_), None) | (None, Some(_)) => true,
+    }
+}
+
+fn webhooks_changed(old: &Config, new: &Config) -> bool {
+    let (old, new) = (&old.webhooks, &new.webhooks);
+    old.grace != new.grace
+        || old.poll_interval != new.poll_interval
+        || old.overlap != new.overlap
+        || old.retention != new.retention
 }

@@ -42,6 +42,7 @@ impl Leadership {
                         tokio::select! {
                             () = cancel.cancelled() => {
                                 self.0.store(false, Ordering::Relaxed);
+                                metrics.leader.set(0);
                                 return;
                             }
                             () = tokio::time::sleep(Duration::from_secs(5)) => {}

@@ -67,6 +67,9 @@ impl Relay {
             };
             let busy = !claimed.is_empty();
             for message in claimed {
+                if cancel.is_cancelled() {
+                    break;
+                }
                 self.send(message).await;
             }
             if !busy {

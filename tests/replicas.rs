@@ -138,8 +138,14 @@ async fn three_replicas_share_the_work_without_duplicates_and_survive_a_kill() {
     for id in &ids[3..] {
         let times = platform.request_times(&format!("tok-{id}"));
         let gaps: Vec<i64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        // Two probes closer than 3/4 of the interval would be a duplicate claim. The one
+        // exception: after a probe delayed by the killed replica's lease, the next one
+        // comes at the connection's regular slot, which may be nearer.
+        let duplicate = gaps.iter().enumerate().any(|(index, gap)| {
+            *gap < INTERVAL_MS * 3 / 4 && !(index > 0 && gaps[index - 1] > INTERVAL_MS * 3 / 2)
+        });
         assert!(
-            gaps.iter().all(|gap| *gap >= INTERVAL_MS * 3 / 4),
+            !duplicate,
             "{id} probed twice within its interval: {gaps:?}"
         );
         let after_kill = times.iter().filter(|at| **at > killed_at + 8_000).count();

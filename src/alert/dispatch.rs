@@ -18,6 +18,9 @@ use crate::relay::backoff_ms;
 use crate::schedule::millis;
 use crate::store::{EmailJob, Store, StormChange, now_millis};
 
+/// Emails claimed per turn.
+const EMAIL_BATCH: u32 = 2;
+
 /// Drains the email outbox.
 pub struct Dispatcher {
     pub store: Store,
@@ -37,10 +40,12 @@ impl Dispatcher {
             if self.leadership.is_leader() {
                 self.check_storms(now).await;
             }
-            let lease_until = now + 2 * millis(self.settings.timeout) + 5_000;
+            // One send takes at most two attempts of `timeout`; the lease covers the batch.
+            let per_send = 2 * millis(self.settings.timeout) + 1_000;
+            let lease_until = now + EMAIL_BATCH as i64 * per_send + 5_000;
             let jobs = match self
                 .store
-                .claim_emails(now, 16, &self.owner, lease_until)
+                .claim_emails(now, EMAIL_BATCH, &self.owner, lease_until)
                 .await
             {
                 Ok(jobs) => jobs,
@@ -55,6 +60,11 @@ impl Dispatcher {
             };
             let busy = !jobs.is_empty();
             for job in jobs {
+                // On shutdown, or when the lease could run out mid-send, stop: the rest
+                // are claimed again when their lease expires, never sent twice at once.
+                if cancel.is_cancelled() || now_millis() + per_send > lease_until {
+                    break;
+                }
                 let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
                 self.deliver(job).instrument(span).await;
             }

@@ -466,10 +466,8 @@ fn email(checker: &mut Checker, raw: RawEmail) -> EmailConfig {
         _ => {
             checker.problem(
                 &path("smtp_url"),
-                format!(
-                    "{:?} is not like smtp://host:port or smtps://host:port",
-                    raw.smtp_url
-                ),
+                // Not echoed: a URL may carry user:password.
+                "is not like smtp://host:port or smtps://host:port",
             );
             (String::new(), 25, SmtpSecurity::StartTlsRequired)
         }
@@ -579,7 +577,7 @@ fn relay(checker: &mut Checker, raw: RawRelay) -> Option<RelayConfig> {
     {
         checker.problem(
             &[key("relay"), key("url")],
-            format!("{:?} is not an http(s) URL", raw.url),
+            "is not an http(s) URL (not echoed: it may carry credentials)",
         );
     }
     match raw.secret.read() {

@@ -200,14 +200,15 @@ impl Store {
 
 /// A session-level advisory lock, held while its connection lives.
 pub struct AdvisoryLock {
-    connection: sqlx::pool::PoolConnection<sqlx::Any>,
+    /// Out of the pool: dropping it closes the session, which releases the lock.
+    connection: sqlx::AnyConnection,
 }
 
 impl AdvisoryLock {
     /// Fails when the connection (and so the lock) is gone.
     pub async fn check(&mut self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
-            .execute(&mut *self.connection)
+            .execute(&mut self.connection)
             .await?;
         Ok(())
     }
@@ -223,7 +224,9 @@ impl Store {
             .await?;
         if taken {
             // Detached from the pool: the lock lives exactly as long as this connection.
-            Ok(Some(AdvisoryLock { connection }))
+            Ok(Some(AdvisoryLock {
+                connection: connection.detach(),
+            }))
         } else {
             Ok(None)
         }

@@ -395,7 +395,9 @@ impl Store {
         let mut transaction = self.begin_write().await?;
         sqlx::query(
             "UPDATE email_outbox SET attempts = attempts + 1, lease_owner = NULL, lease_until = 0, \
-             last_error = $3, state = CASE WHEN $4 IS NULL THEN 'failed' ELSE 'pending' END, \
+             last_error = $3, \
+             state = CASE WHEN state = 'cancelled' THEN 'cancelled' \
+               WHEN $4 IS NULL THEN 'failed' ELSE 'pending' END, \
              next_attempt_at = COALESCE($4, next_attempt_at) WHERE id = $1 AND lease_owner = $2",
         )
         .bind(id)
