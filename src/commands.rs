@@ -171,15 +171,29 @@ pub async fn probe(config: &Config, raw_id: &str, out: &mut impl Write) -> anyho
     Ok(report.outcome == crate::domain::Outcome::Ok)
 }
 
-/// Hides a password in a database URL.
+/// Hides a password in a database URL (`user:password@` and a `password=` parameter).
 pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed.query_pairs().any(|(name, _)| name == "password") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if name == "password" {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// `connwatch send-test-email --to ADDR`: proves the SMTP settings with one email.
@@ -227,4 +241,26 @@ pub async fn send_test_email(
         settings.host, settings.port, settings.security
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn database_passwords_are_hidden_wherever_they_are_written() {
+        assert_eq!(
+            redact_url("postgres://cw:s3cret@db.internal/connwatch"),
+            "postgres://cw:***@db.internal/connwatch"
+        );
+        let redacted = redact_url("postgres://db.internal/connwatch?user=cw&password=s3cret");
+        assert!(
+            !redacted.contains("s3cret") && redacted.contains("user=cw"),
+            "{redacted}"
+        );
+        assert_eq!(
+            redact_url("sqlite:///var/lib/connwatch/connwatch.db"),
+            "sqlite:///var/lib/connwatch/connwatch.db"
+        );
+    }
 }
