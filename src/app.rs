@@ -548,6 +548,7 @@ async fn watch_token_files(
 ) {
     // One stat per distinct file, however many connections share it.
     let mut known: HashMap<PathBuf, Option<FileStamp>> = HashMap::new();
+    let mut first_pass = true;
     loop {
         let roster = scheduler.roster();
         let mut by_file: HashMap<PathBuf, Vec<&ConnectionId>> = HashMap::new();
@@ -562,6 +563,7 @@ async fn watch_token_files(
             if !matches!(previous, Some(old) if old != stamp) {
                 continue;
             }
+            scheduler.tokens().forget();
             for id in ids {
                 tracing::info!(connection_id = %id, "token file changed; probing now");
                 if let Err(error) = store.request_probe(id, now_millis()).await {
@@ -570,6 +572,11 @@ async fn watch_token_files(
             }
         }
         known.retain(|path, _| by_file.contains_key(path));
+        if first_pass {
+            // A token cached before its file's first stamp was taken may be older than it.
+            scheduler.tokens().forget();
+            first_pass = false;
+        }
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::classify::{Policy, classify};
-use crate::config::{ConnectionConfig, ProbeConfig};
+use crate::config::{ConnectionConfig, ProbeConfig, SecretError, SecretRef};
 use crate::domain::{ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
@@ -26,8 +26,10 @@ const TICK: Duration = Duration::from_millis(200);
 const CLAIM_BATCH: u32 = 500;
 /// Most probe results written in one transaction.
 const WRITE_BATCH: usize = 512;
-/// How long the writer gathers results before a commit.
-const WRITE_GATHER: Duration = Duration::from_millis(25);
+/// How long the writer gathers results before a commit. Every commit writes the pages
+/// it touched to the WAL: at 333 probes a second (100,000 every 5 minutes) a 25 ms gather
+/// made 40 small commits a second; 100 ms makes 10 larger ones at a fraction of the cost.
+const WRITE_GATHER: Duration = Duration::from_millis(100);
 
 /// Something worth telling a watcher of the daemon (the demo, tests).
 #[derive(Debug, Clone)]
@@ -77,6 +79,38 @@ pub struct Scheduler {
     owner: Arc<str>,
     events: broadcast::Sender<Event>,
     last_tick: Arc<AtomicI64>,
+    tokens: Arc<TokenCache>,
+}
+
+/// Tokens read once and kept until their file changes: the token watcher stats every
+/// file each `token_check_interval` and calls `forget` on a change (then probes at once),
+/// so a scheduled probe costs no file reads. Probes asked for by a person read afresh.
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: RwLock<HashMap<SecretRef, secrecy::SecretString>>,
+}
+
+impl TokenCache {
+    fn get(&self, secret: &SecretRef) -> Result<secrecy::SecretString, SecretError> {
+        if let Some(token) = self.tokens.read().expect("token cache").get(secret) {
+            return Ok(token.clone());
+        }
+        self.refresh(secret)
+    }
+
+    fn refresh(&self, secret: &SecretRef) -> Result<secrecy::SecretString, SecretError> {
+        let token = secret.read()?;
+        self.tokens
+            .write()
+            .expect("token cache")
+            .insert(secret.clone(), token.clone());
+        Ok(token)
+    }
+
+    /// Drops every cached token (a token file changed, or the config was reloaded).
+    pub fn forget(&self) {
+        self.tokens.write().expect("token cache").clear();
+    }
 }
 
 /// Why a requested probe did not run.
@@ -117,6 +151,7 @@ impl Scheduler {
             owner: owner.into(),
             events,
             last_tick: Arc::new(AtomicI64::new(now_millis())),
+            tokens: Arc::default(),
         }
     }
 
@@ -150,6 +185,12 @@ impl Scheduler {
     /// Replaces the configured connections (reload).
     pub fn set_roster(&self, roster: Roster) {
         *self.roster.write().expect("roster lock") = Arc::new(roster);
+        self.tokens.forget();
+    }
+
+    /// The cached tokens (the token watcher drops them when a file changes).
+    pub fn tokens(&self) -> &TokenCache {
+        &self.tokens
     }
 
     pub fn roster(&self) -> Arc<Roster> {
@@ -205,7 +246,7 @@ impl Scheduler {
                             let scheduler = self.clone();
                             let results = results.clone();
                             tracker.spawn(async move {
-                                let record = scheduler.probe_claimed(claim).await;
+                                let record = scheduler.probe_claimed(claim, false).await;
                                 let _ = results.send(record).await;
                                 drop(permit);
                             });
@@ -246,7 +287,7 @@ impl Scheduler {
     }
 
     /// Probes one claimed connection and classifies the answer.
-    async fn probe_claimed(&self, claim: Claimed) -> ProbeRecord {
+    async fn probe_claimed(&self, claim: Claimed, fresh_token: bool) -> ProbeRecord {
         let lateness_ms = (now_millis() - claim.due).max(0);
         self.metrics
             .probe_lateness
@@ -254,7 +295,11 @@ impl Scheduler {
         let connection = self.roster().connections.get(&claim.id).cloned();
         self.metrics.probes_in_flight.inc();
         let report = match &connection {
-            Some(connection) => match connection.token.read() {
+            Some(connection) => match if fresh_token {
+                self.tokens.refresh(&connection.token)
+            } else {
+                self.tokens.get(&connection.token)
+            } {
                 Ok(token) => {
                     let span = tracing::info_span!(
                         "probe",
@@ -391,7 +436,7 @@ impl Scheduler {
     /// Probes one connection now, stores the result and returns it (API, CLI).
     pub async fn probe_now(&self, id: &ConnectionId) -> Result<ProbeRecord, ProbeNowError> {
         let claim = self.claim_now(id).await?;
-        let record = self.probe_claimed(claim).await;
+        let record = self.probe_claimed(claim, true).await;
         self.store
             .record_probes(std::slice::from_ref(&record))
             .await?;

@@ -365,7 +365,7 @@ impl Store {
         .bind(id)
         .bind(owner)
         .bind(now)
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await?;
         let closed: Option<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT i.id FROM email_outbox o JOIN incidents i ON i.id = o.incident_id \
@@ -373,7 +373,7 @@ impl Store {
              AND o.kind IN {OPENING_KINDS} AND i.closed_at IS NOT NULL AND c.health = 'healthy'"
         )))
         .bind(id)
-        .fetch_optional(&mut *transaction)
+        .fetch_optional(&mut **transaction)
         .await?;
         if let (Some((incident_id,)), Some(policy)) = (closed, policy.as_ref())
             && policy.send_resolved
@@ -404,7 +404,7 @@ impl Store {
         .bind(owner)
         .bind(error.to_owned())
         .bind(retry_at)
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await?;
         transaction.commit().await?;
         Ok(())
@@ -458,7 +458,7 @@ impl Store {
              WHERE i.closed_at IS NULL AND c.active = 1 GROUP BY c.platform",
         )
         .bind(now - window)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut **transaction)
         .await?;
         let storming = |count: i64, total: i64| {
             count >= min
@@ -476,7 +476,7 @@ impl Store {
                     .bind(&platform)
                     .bind(now)
                     .bind(open)
-                    .fetch_one(&mut *transaction)
+                    .fetch_one(&mut **transaction)
                     .await?
                     .try_get(0)?;
                     // The list is read when the digest is sent (after the hold), so it names
@@ -510,7 +510,7 @@ impl Store {
         }
         let ended: Vec<(String,)> =
             sqlx::query_as("SELECT platform FROM storms WHERE ended_at IS NULL")
-                .fetch_all(&mut *transaction)
+                .fetch_all(&mut **transaction)
                 .await?;
         for (platform,) in ended {
             if still_open.contains(&platform) {
@@ -519,7 +519,7 @@ impl Store {
             sqlx::query("UPDATE storms SET ended_at = $2 WHERE platform = $1 AND ended_at IS NULL")
                 .bind(&platform)
                 .bind(now)
-                .execute(&mut *transaction)
+                .execute(&mut **transaction)
                 .await?;
             changes.push(StormChange::Ended { platform });
         }
@@ -555,7 +555,7 @@ impl Store {
         let row: Option<(String, i64)> =
             sqlx::query_as("SELECT health, paused FROM connections WHERE id = $1 AND active = 1")
                 .bind(id.as_str())
-                .fetch_optional(&mut *transaction)
+                .fetch_optional(&mut **transaction)
                 .await?;
         let Some((health, config_paused)) = row else {
             return Ok(None);
@@ -563,7 +563,7 @@ impl Store {
         sqlx::query("UPDATE connections SET operator_paused = $2 WHERE id = $1")
             .bind(id.as_str())
             .bind(i64::from(paused))
-            .execute(&mut *transaction)
+            .execute(&mut **transaction)
             .await?;
         let from = super::probes::parse_health(&health)?;
         let effective = paused || config_paused != 0;

@@ -9,9 +9,6 @@ use super::{LeaseClaim, Store, StoreError};
 use crate::classify::{ConnectionState, reauth_by_webhook};
 use crate::domain::{Cause, ConnectionId, Health, Millis, Transition};
 
-/// Rows per multi-row INSERT on SQLite (9 parameters each stays far below its limit).
-const INSERT_CHUNK: usize = 64;
-
 /// id, health, health_since, consecutive_failures, quiet, first_failure_at.
 type ConnectionRow = (String, String, i64, i64, i64, Option<i64>);
 
@@ -112,19 +109,13 @@ impl Store {
             )
             .bind(key.0)
             .bind(key.1)
-            .fetch_optional(&mut *transaction)
+            .fetch_optional(&mut **transaction)
             .await?;
             connections.insert(key, row);
         }
         // Every delivery in multi-row inserts; the ids returned are the new ones.
         let mut inserted: HashSet<(String, String)> = HashSet::new();
-        // sqlx does not set TCP_NODELAY: a statement larger than one TCP segment waits for
-        // PostgreSQL's delayed ACK (~40 ms). One ~1 KiB row per statement fits a segment.
-        let chunk_size = match self.backend {
-            super::Backend::Sqlite => INSERT_CHUNK,
-            super::Backend::Postgres => 1,
-        };
-        for chunk in deliveries.chunks(chunk_size) {
+        for chunk in super::chunks_of(deliveries, self.chunk_sizes()) {
             let mut sql = String::from(
                 "INSERT INTO webhook_events (platform, webhook_id, received_at, connection_id, \
                  remote_id, event_type, change_id, change_updated, body) VALUES ",
@@ -166,7 +157,7 @@ impl Store {
                     .bind(delivery.change_updated)
                     .bind(delivery.body.clone());
             }
-            inserted.extend(query.fetch_all(&mut *transaction).await?);
+            inserted.extend(query.fetch_all(&mut **transaction).await?);
         }
         let mut results = Vec::with_capacity(deliveries.len());
         let mut activity: Vec<(ConnectionId, Activity)> = Vec::new();
@@ -210,7 +201,7 @@ impl Store {
                 transition: None,
             });
         }
-        for chunk in changes.chunks(chunk_size) {
+        for chunk in super::chunks_of(&changes, self.chunk_sizes()) {
             let mut sql = String::from(
                 "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
             );
@@ -236,7 +227,7 @@ impl Store {
                     .bind(*updated_at)
                     .bind(*seen_at);
             }
-            query.execute(&mut *transaction).await?;
+            query.execute(&mut **transaction).await?;
         }
         for (id, seen) in &activity {
             let row = connections
@@ -348,7 +339,7 @@ impl Store {
         )
         .bind(now)
         .bind(grace)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut **transaction)
         .await?;
         let mut quiet = Vec::with_capacity(rows.len());
         for (raw_id, health) in rows {
@@ -420,7 +411,7 @@ impl Store {
         .bind(since)
         .bind(next_cursor)
         .bind(page_max)
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await?
         .rows_affected();
         if updated == 0 {
@@ -435,7 +426,7 @@ impl Store {
             .bind(id.as_str())
             .bind(&change.change_id)
             .bind(change.updated_at)
-            .fetch_optional(&mut *transaction)
+            .fetch_optional(&mut **transaction)
             .await?;
             if known.is_some() {
                 continue;
@@ -458,7 +449,7 @@ impl Store {
                 .bind(id.as_str())
                 .bind(payload)
                 .bind(now)
-                .execute(&mut *transaction)
+                .execute(&mut **transaction)
                 .await?;
             }
             recovered += 1;
@@ -491,7 +482,7 @@ impl Store {
         .bind(covered_until)
         .bind(next_poll_at)
         .bind(now)
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await?;
         transaction.commit().await?;
         Ok(())
@@ -517,7 +508,7 @@ impl Store {
         .bind(next_poll_at)
         .bind(now)
         .bind(result)
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await?;
         transaction.commit().await?;
         Ok(())
@@ -602,7 +593,7 @@ impl Store {
             .bind(error.to_owned())
             .bind(retry_at),
         };
-        query.execute(&mut *transaction).await?;
+        query.execute(&mut **transaction).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -624,7 +615,7 @@ impl Store {
         let mut transaction = self.begin_write().await?;
         let events = sqlx::query("DELETE FROM webhook_events WHERE received_at < $1")
             .bind(before)
-            .execute(&mut *transaction)
+            .execute(&mut **transaction)
             .await?
             .rows_affected();
         sqlx::query(
@@ -633,11 +624,11 @@ impl Store {
         )
         .bind(before)
         .bind(overlap)
-        .execute(&mut *transaction)
+        .execute(&mut **transaction)
         .await?;
         sqlx::query("DELETE FROM relay_outbox WHERE state = 'sent' AND sent_at < $1")
             .bind(before)
-            .execute(&mut *transaction)
+            .execute(&mut **transaction)
             .await?;
         transaction.commit().await?;
         Ok(events)
