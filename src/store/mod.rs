@@ -93,7 +93,9 @@ impl Store {
                         // Checkpoint every ~40 MB of WAL instead of ~4 MB: a connection's
                         // page is rewritten many times between checkpoints, and each
                         // checkpoint (with its fsync) copies it to the database once.
-                        connection.execute("PRAGMA wal_autocheckpoint = 10000").await?;
+                        connection
+                            .execute("PRAGMA wal_autocheckpoint = 10000")
+                            .await?;
                     }
                     Ok(())
                 })

@@ -330,7 +330,10 @@ async fn update_latest(
             if column > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("CAST(${} AS {kind})", index * columns.len() + column + 1));
+            sql.push_str(&format!(
+                "CAST(${} AS {kind})",
+                index * columns.len() + column + 1
+            ));
         }
         sql.push(')');
     }
