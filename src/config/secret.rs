@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer};
 pub enum SecretRef {
     /// An environment variable.
     Env(String),
-    /// A file; re-read on every use, so replacing it rotates the secret.
+    /// A file; replacing it rotates the secret (token files are watched, see `app.rs`).
     File(PathBuf),
     /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME`.
     Credential(String),
