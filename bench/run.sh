@@ -7,11 +7,15 @@
 #                 SQLite: lateness p50/p99, CPU %, RSS, database growth
 #   3. webhook:   64 senders POSTing signed ~1 KiB Standard Webhooks deliveries, on SQLite and
 #                 PostgreSQL; beside it nginx answering the same POST (wrk, 64 connections)
+#   4. replicas:  3 `connwatch run` on one fresh PostgreSQL database sharing REPL_N (30,000)
+#                 connections at a 1-minute interval: each replica's share (its own counter),
+#                 duplicate probes (nginx log, one token per connection; must be 0), CPU, RSS
 # Every load is bounded in time and count; every process started here is stopped on exit.
 # Knobs (environment): QUICK=1 (smoke run: 1 rep, short durations), REPS (3), BENCHES
-# ("burst scheduled webhook"), N (10000), SCHED_N (100000), DURATION (600; QUICK 120),
+# ("burst scheduled webhook replicas"), N (10000), SCHED_N (100000), DURATION (600; QUICK 120),
 # SCHED_REPS (1), BURST_DUR (20), WARMUP (5), BB_DUR (10), BB_CONCS ("64 256"), WH_DUR (15),
-# WH_CONC (64), WH_THREADS (1), BURST_CONC (256), QUIET_WAIT (60), BG_MAX (10),
+# WH_CONC (64), WH_THREADS (1), BURST_CONC (256), QUIET_WAIT (60), BG_MAX (10), REPL_N (30000),
+# REPL_DUR (180; QUICK 90), REPL_WARM (65),
 # PG (postgres://postgres@127.0.0.1:5432), OUT (results folder), SKIP_BUILD=1.
 set -euo pipefail
 cd "$(dirname "$0")"; BENCH=$PWD; ROOT=$(cd .. && pwd)
@@ -19,16 +23,18 @@ cd "$(dirname "$0")"; BENCH=$PWD; ROOT=$(cd .. && pwd)
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
   REPS=${REPS:-1} DURATION=${DURATION:-120} BURST_DUR=${BURST_DUR:-8} WARMUP=${WARMUP:-3}
-  BB_DUR=${BB_DUR:-5} WH_DUR=${WH_DUR:-5} QUIET_WAIT=${QUIET_WAIT:-10}
+  BB_DUR=${BB_DUR:-5} WH_DUR=${WH_DUR:-5} QUIET_WAIT=${QUIET_WAIT:-10} REPL_DUR=${REPL_DUR:-90}
 else
   REPS=${REPS:-3} DURATION=${DURATION:-600} BURST_DUR=${BURST_DUR:-20} WARMUP=${WARMUP:-5}
-  BB_DUR=${BB_DUR:-10} WH_DUR=${WH_DUR:-15} QUIET_WAIT=${QUIET_WAIT:-60}
+  BB_DUR=${BB_DUR:-10} WH_DUR=${WH_DUR:-15} QUIET_WAIT=${QUIET_WAIT:-60} REPL_DUR=${REPL_DUR:-180}
 fi
 SCHED_REPS=${SCHED_REPS:-1}
-BENCHES=${BENCHES:-"burst scheduled webhook"} N=${N:-10000} SCHED_N=${SCHED_N:-100000}
+BENCHES=${BENCHES:-"burst scheduled webhook replicas"} N=${N:-10000} SCHED_N=${SCHED_N:-100000}
 BB_CONCS=${BB_CONCS:-"64 256"} BURST_CONC=${BURST_CONC:-256} BG_MAX=${BG_MAX:-10}
 WH_CONC=${WH_CONC:-64} WH_THREADS=${WH_THREADS:-1} WH_CONNS=${WH_CONNS:-16}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
+REPL_N=${REPL_N:-30000} REPL_WARM=${REPL_WARM:-65} REPL_INTERVAL=60   # replicas: interval "1m"
+REPL_NGX_PORT=18081 REPL_ADMIN0=19465 REPL_WH0=18091   # replica i: admin REPL_ADMIN0+i, webhooks REPL_WH0+i
 HZ=$(getconf CLK_TCK) NCPU=$(nproc)
 export PGOPTIONS='-c client_min_messages=warning' 
 NGX_PORT=18080 BB_PORT=9115 ADMIN_PORT=19464 WH_PORT=18090
@@ -45,22 +51,25 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v curl >/dev/null || need+=(curl)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
 has burst && ! command -v prometheus-blackbox-exporter >/dev/null && need+=(prometheus-blackbox-exporter)
-has webhook && ! command -v psql >/dev/null && need+=(postgresql-client)
+{ has webhook || has replicas; } && ! command -v psql >/dev/null && need+=(postgresql-client)
 if ((${#need[@]})); then
   echo "== installing ${need[*]}"
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
+binaries_ok() { [[ -x $BIN ]] && { ! has webhook || [[ -x $LOADGEN ]]; }; }   # the load generator: webhook only
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   echo "== cargo build --release --bin connwatch --examples"
   if ! (cd "$ROOT" && cargo build --release --bin connwatch --examples >"${TMPDIR:-/tmp}/connwatch-bench-build.log" 2>&1); then
     tail -20 "${TMPDIR:-/tmp}/connwatch-bench-build.log" >&2
-    [[ -x $BIN && -x $LOADGEN ]] || { echo "build failed" >&2; exit 1; }
+    binaries_ok || { echo "build failed" >&2; exit 1; }
     echo "warning: build failed (see above); benchmarking the binaries already built" >&2
   fi
 fi
-[[ -x $BIN && -x $LOADGEN ]] || { echo "missing $BIN or $LOADGEN" >&2; exit 1; }
-for port in $NGX_PORT $BB_PORT $ADMIN_PORT $WH_PORT; do   # e.g. Debian's own exporter on :9115
+binaries_ok || { echo "missing $BIN or $LOADGEN" >&2; exit 1; }
+ports=($NGX_PORT $BB_PORT $ADMIN_PORT $WH_PORT)
+has replicas && ports+=($REPL_NGX_PORT $((REPL_ADMIN0)) $((REPL_ADMIN0 + 1)) $((REPL_ADMIN0 + 2)) $((REPL_WH0)) $((REPL_WH0 + 1)) $((REPL_WH0 + 2)))
+for port in "${ports[@]}"; do   # e.g. Debian's own exporter on :9115
   ! ss -Hltn "sport = :$port" | grep -q . || { echo "port $port busy; stop its owner first" >&2; exit 1; }
 done
 
@@ -175,7 +184,8 @@ dirty=$(git -C "$ROOT" status --porcelain -- src Cargo.toml migrations 2>/dev/nu
   echo "machine: $NCPU cores ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)), $(free -g | awk '/Mem:/{print $2}') GiB," \
        "kernel $(uname -r), loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "settings: QUICK=$QUICK REPS=$REPS BENCHES='$BENCHES' N=$N SCHED_N=$SCHED_N DURATION=$DURATION" \
-       "SCHED_REPS=$SCHED_REPS BURST_DUR=$BURST_DUR BB_DUR=$BB_DUR WH_DUR=$WH_DUR WH_CONC=$WH_CONC"
+       "SCHED_REPS=$SCHED_REPS BURST_DUR=$BURST_DUR BB_DUR=$BB_DUR WH_DUR=$WH_DUR WH_CONC=$WH_CONC" \
+       "REPL_N=$REPL_N REPL_DUR=$REPL_DUR REPL_WARM=$REPL_WARM"
 } | tee "$OUT/header.txt"
 
 # --- 1. burst ---------------------------------------------------------------------------
@@ -339,11 +349,127 @@ bench_webhook() {   # rep backend(sqlite|postgres)
   cp "$d/cw.log" "$OUT/webhook-$be$r.log"; cp "$d/load.err" "$OUT/webhook-$be$r.load.err"; rm -rf "$d"
 }
 
+# --- 4. replicas ------------------------------------------------------------------------
+repl_metrics() { curl -sf --max-time 10 "http://127.0.0.1:$((REPL_ADMIN0 + $1))/metrics" || true; }   # replica index
+repl_fail() {   # message: keep the replicas' logs in OUT, show their tails, stop the run
+  local f; echo "replicas: $1; logs kept in $OUT" >&2
+  for f in "$RUN"/repl*/cw?.log "$RUN"/repl*/migrate.log; do [[ -f $f ]] || continue
+    cp "$f" "$OUT/failed-${f##*/}"; echo "== ${f##*/}" >&2; tail -n 5 "$f" | cut -c1-300 >&2; done
+  exit 1; }
+repl_up() { local i; for i in 0 1 2; do curl -sf -o /dev/null --max-time 2 "http://127.0.0.1:$((REPL_ADMIN0 + i))/metrics" || return 1; done; }
+hist_merge() {   # metric files... -> the histogram's buckets summed over the files (replicas), for hist_q
+  awk -v m="$1_bucket" 'index($0, m "{") == 1 { k = $0; sub(/ [^ ]*$/, "", k); if (!(k in s)) o[++n] = k; s[k] += $NF }
+    END { for (i = 1; i <= n; i++) printf "%s %.0f\n", o[i], s[o[i]] }' "${@:2}"; }
+# config of replica i: repl_config FILE I DB_URL CONNECTIONS_FILE (the [[connections]] part, shared)
+repl_config() {
+  { printf '[store]\nurl = "%s"\n\n[server]\nadmin = "127.0.0.1:%s"\nwebhooks = "127.0.0.1:%s"\n\n' \
+      "$3" $((REPL_ADMIN0 + $2)) $((REPL_WH0 + $2))
+    printf '[probe]\ninterval = "1m"\n\n[platforms.mock]\nbase_url = "http://127.0.0.1:%s"\n' "$REPL_NGX_PORT"
+    printf 'probe = { method = "GET", path = "/v1/connection" }\nauth = { header = "Authorization", scheme = "Bearer" }\n'
+    cat "$4"; } >"$1"
+}
+bench_replicas() {   # rep
+  local r=$1 d=$RUN/repl$r i; mkdir -p "$d/tokens" "$d/nginx"
+  local db=connwatch_bench_$$_repl$r url; PGDBS+=("$db"); url="$PG/$db"
+  psql "$PG/postgres" -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
+  # one fake token per connection (tokens/cN = good-N), so nginx's log names the connection
+  awk -v dir="$d/tokens" -v n="$REPL_N" -v f="$d/conns.toml" 'BEGIN { for (i = 1; i <= n; i++) { t = dir "/c" i
+      print "good-" i >t; close(t)
+      printf "\n[[connections]]\nid = \"c%06d\"\nplatform = \"mock\"\nremote_id = \"conn_%d\"\ntoken = { file = \"%s\" }\n", i, i, t >f } }'
+  chmod -R go-rwx "$d/tokens"
+  for i in 0 1 2; do repl_config "$d/cw$i.toml" "$i" "$url" "$d/conns.toml"; done
+  log "replicas rep $r: 3 replicas, $REPL_N connections at 1m, PostgreSQL $db; warm-up ${REPL_WARM}s, measured ${REPL_DUR}s"
+  nginx -p "$d/nginx" -e "$d/nginx/error.log" -c "$BENCH/mock-replicas.conf" -g 'daemon off;' & local rngx=$!; PIDS+=("$rngx")
+  wait_for 10 curl -sf -o /dev/null -H 'Authorization: Bearer good-0' "http://127.0.0.1:$REPL_NGX_PORT/v1/connection" || { echo "nginx (replicas) did not start" >&2; exit 1; }
+  [[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer good' "http://127.0.0.1:$REPL_NGX_PORT/v1/connection") == 401 ]] || { echo "nginx (replicas): bad token not refused" >&2; exit 1; }
+  timeout 300 "$BIN" migrate --config "$d/cw0.toml" >"$d/migrate.log" 2>&1 || repl_fail "connwatch migrate failed"
+  wait_quiet; rec replicas "$r" load1 "$(load1)"
+  local pids=() tl; tl=$(now)
+  for i in 0 1 2; do "$BIN" run --config "$d/cw$i.toml" >"$d/cw$i.log" 2>&1 & pids[i]=$!; PIDS+=("${pids[i]}"); done
+  # until all three answer /metrics (<= 600 s); a replica that exits meanwhile (e.g. its sync of
+  # the connections failed) is counted and started again, at most 3 times in all
+  local k rc exits=0; for k in $(seq 6000); do
+    for i in 0 1 2; do kill -0 "${pids[i]}" 2>/dev/null && continue
+      rc=0; wait "${pids[i]}" 2>/dev/null || rc=$?; forget "${pids[i]}"; exits=$((exits + 1))
+      log "  replica $i exited during start-up (status $rc): $(tail -n 1 "$d/cw$i.log" | cut -c1-200)"
+      ((exits <= 3)) || repl_fail "replicas exited during start-up $exits times"
+      echo "--- bench: replica exited (status $rc); started again" >>"$d/cw$i.log"
+      "$BIN" run --config "$d/cw$i.toml" >>"$d/cw$i.log" 2>&1 & pids[i]=$!; PIDS+=("${pids[i]}"); done
+    repl_up && break
+    ((k < 6000)) || repl_fail "not all three answered /metrics within 600 s"
+    sleep 0.1; done
+  rec replicas "$r" startup_exits "$exits"
+  local startup; startup=$(calc "$(now) - $tl"); rec replicas "$r" startup_s "$startup"
+  log "  all 3 answer /metrics after ${startup}s; warm-up ${REPL_WARM}s (first probes of every connection)"
+  sleep "$REPL_WARM"
+  for i in 0 1 2; do kill -0 "${pids[i]}" 2>/dev/null || repl_fail "replica $i exited"; done
+  local p0=() p1=() c0=() c1=() g0 g1 m0 m1 t0 t1
+  g0=$(pg_ticks) m0=$(cpu) t0=$(now)
+  for i in 0 1 2; do repl_metrics "$i" >"$d/m0_$i.txt"; p0[i]=$(msum connwatch_probes_total <"$d/m0_$i.txt"); c0[i]=$(ticks "${pids[i]}"); done
+  sleep "$REPL_DUR"
+  for i in 0 1 2; do kill -0 "${pids[i]}" 2>/dev/null || repl_fail "replica $i exited during the window"; done
+  for i in 0 1 2; do repl_metrics "$i" >"$d/m1_$i.txt"; p1[i]=$(msum connwatch_probes_total <"$d/m1_$i.txt"); c1[i]=$(ticks "${pids[i]}"); done
+  t1=$(now) m1=$(cpu) g1=$(pg_ticks)
+  local rss=() hwm=() leaders; for i in 0 1 2; do rss[i]=$(kib "${pids[i]}" VmRSS) hwm[i]=$(kib "${pids[i]}" VmHWM); done
+  leaders=$(cat "$d"/m1_*.txt | msum connwatch_leader)
+  for i in 0 1 2; do stop_pid "${pids[i]}"; done
+  sleep 2; kill -USR1 "$rngx" 2>/dev/null || true; sleep 1   # nginx: flush the buffered probe log
+  # shares from each replica's own counter over the window
+  local secs tot=0 ours=0 shares; secs=$(calc "$t1 - $t0" 3)
+  for i in 0 1 2; do tot=$((tot + p1[i] - p0[i])); ours=$((ours + c1[i] - c0[i])); done
+  shares=$(for i in 0 1 2; do calc "($((p1[i] - p0[i]))) * 3 / ($tot + 0.000001)" 3; done | tr '\n' ' ')
+  for i in 0 1 2; do local sh; sh=$(calc "($((p1[i] - p0[i]))) * 3 / ($tot + 0.000001)" 3)
+    rec replicas "$r" "share_of_even_$i" "$sh"
+    rec replicas "$r" "cpu_pct_$i" "$(calc "(${c1[i]} - ${c0[i]}) / $HZ / $secs * 100" 1)"
+    rec replicas "$r" "rss_end_mib_$i" "$(calc "${rss[i]} / 1024" 1)"; rec replicas "$r" "peak_rss_mib_$i" "$(calc "${hwm[i]} / 1024" 1)"; done
+  rec replicas "$r" share_min_of_even "$(tr ' ' '\n' <<<"$shares" | grep . | sort -g | head -1)"
+  rec replicas "$r" share_max_of_even "$(tr ' ' '\n' <<<"$shares" | grep . | sort -g | tail -1)"
+  rec replicas "$r" probes_counted "$tot"; rec replicas "$r" probes_per_s "$(calc "$tot / $secs" 1)"
+  rec replicas "$r" expected_per_s "$(calc "$REPL_N / $REPL_INTERVAL" 1)"
+  rec replicas "$r" rate_vs_expected "$(calc "$tot / ($REPL_N * $secs / $REPL_INTERVAL)" 3)"
+  rec replicas "$r" cpu_us_per_probe "$(calc "$ours / $HZ * 1e6 / ($tot + 0.000001)" 1)"
+  rec replicas "$r" cpu_pct_all "$(calc "$ours / $HZ / $secs * 100" 1)"
+  rec replicas "$r" pg_cpu_pct "$(calc "($g1 - $g0) / $HZ / $secs * 100" 1)"
+  rec replicas "$r" pg_cpu_us_per_probe "$(calc "($g1 - $g0) / $HZ * 1e6 / ($tot + 0.000001)" 1)"
+  rec replicas "$r" leaders "$leaders"
+  hist_merge connwatch_probe_lateness_seconds "$d"/m0_*.txt >"$d/h0.txt"; hist_merge connwatch_probe_lateness_seconds "$d"/m1_*.txt >"$d/h1.txt"
+  rec replicas "$r" lateness_p50_s "$(hist_q 0.5 connwatch_probe_lateness_seconds "$d/h1.txt" "$d/h0.txt")"
+  rec replicas "$r" lateness_p99_s "$(hist_q 0.99 connwatch_probe_lateness_seconds "$d/h1.txt" "$d/h0.txt")"
+  # duplicates from nginx's log ("msec Bearer good-N status"): a probe in the window less than
+  # 0.75 x interval after the previous probe of the same connection, also in the window
+  local nx; nx=($(awk -v t0="$t0" -v t1="$t1" -v gap="$(calc "0.75 * $REPL_INTERVAL" 3)" -v n="$REPL_N" '
+    $1 >= t0 && $1 <= t1 { req++; if ($4 != 200) bad++; c = $3
+      if (c in last) { g = $1 - last[c]; if (g < gap) dup++; if (!ng++ || g < lo) lo = g; if (g > hi) hi = g }
+      else seen++
+      last[c] = $1 }
+    END { printf "%d %d %d %d %.1f %.1f %d\n", dup, req, seen, n - seen, lo, hi, bad }' "$d/nginx/probes.log"))
+  rec replicas "$r" duplicates "${nx[0]}"; rec replicas "$r" nginx_requests "${nx[1]}"; rec replicas "$r" nginx_per_s "$(calc "${nx[1]} / $secs" 1)"
+  rec replicas "$r" conns_probed "${nx[2]}"; rec replicas "$r" conns_missed "${nx[3]}"
+  rec replicas "$r" min_gap_s "${nx[4]}"; rec replicas "$r" max_gap_s "${nx[5]}"; rec replicas "$r" non200 "${nx[6]}"
+  rec replicas "$r" recorded "$(psql "$url" -qAtc "SELECT count(*) FROM connections WHERE last_probe_at IS NOT NULL" || echo -)"
+  psql "$PG/postgres" -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
+  stop_pid "$rngx"
+  rec replicas "$r" other_pct "$(other_pct "$m0" "$m1" $((ours + g1 - g0)) "$secs")"
+  local lp=0 pn=0; for i in 0 1 2; do lp=$((lp + $(log_problems "$d/cw$i.log"))); pn=$((pn + $(panics "$d/cw$i.log"))); done
+  rec replicas "$r" log_problems "$lp"; rec replicas "$r" panics "$pn"
+  # whole run, start-up included: store retries (e.g. deadlocks between replicas) and batches given up
+  rec replicas "$r" store_retries "$(cat "$d"/cw?.log | grep -c 'cannot store probe results; retrying' || true)"
+  rec replicas "$r" deadlocks "$(cat "$d"/cw?.log | grep -c 'deadlock detected' || true)"
+  rec replicas "$r" results_lost "$(cat "$d"/cw?.log | grep -c 'probe results lost' || true)"
+  log "replicas rep $r: ${secs}s: probes counted $tot ($(for i in 0 1 2; do printf '%d ' $((p1[i] - p0[i])); done| sed 's/ $//'))," \
+      "share of even: $shares| expected $(calc "$REPL_N * $secs / $REPL_INTERVAL" 0)"
+  log "  nginx: ${nx[1]} probes, duplicates (< $(calc "0.75 * $REPL_INTERVAL" 0) s apart) ${nx[0]}, connections probed ${nx[2]}/$REPL_N," \
+      "gap min ${nx[4]}s max ${nx[5]}s, non-200 ${nx[6]}"
+  log "  $(awk -F'\t' -v r="$r" '$1 == "replicas" && $2 == r && $3 ~ /^(cpu_pct|rss_end|peak_rss|lateness|pg_cpu|leaders|recorded|startup_exits|log_problems|panics|store_retries|deadlocks|results_lost)/ {printf "%s=%s ", $3, $4}' "$RAW")"
+  for i in 0 1 2; do cp "$d/cw$i.log" "$OUT/replicas$r-$i.log"; cp "$d/m1_$i.txt" "$OUT/replicas$r-$i.metrics.txt"; done
+  gzip -c "$d/nginx/probes.log" >"$OUT/replicas$r.probes.log.gz"; rm -rf "$d"
+}
+
 # --- run: reps interleaved so drift hits every test alike --------------------------------
-if has webhook && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+if { has webhook || has replicas; } && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
   log "PostgreSQL is not answering on 127.0.0.1:5432; trying to start it"
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start 2>/dev/null || true
-  wait_for 30 pg_isready -q -h 127.0.0.1 -p 5432 || log "warning: no PostgreSQL; webhook-postgres is skipped"
+  wait_for 30 pg_isready -q -h 127.0.0.1 -p 5432 || log "warning: no PostgreSQL; webhook-postgres and replicas are skipped"
 fi
 if has burst; then
   log "warm-up (not recorded)"; timeout 20 wrk -t1 -c64 -d3s "$PROBE" >/dev/null
@@ -363,6 +489,11 @@ if has webhook; then
 fi
 if has scheduled; then
   for r in $(seq "$SCHED_REPS"); do bench_scheduled "$r"; done
+fi
+if has replicas; then
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    for r in $(seq "$REPS"); do bench_replicas "$r"; done
+  fi
 fi
 
 # --- summary: medians over reps ---------------------------------------------------------
@@ -445,6 +576,30 @@ S=$OUT/summary.tsv
     printf 'scheduled\tstart-up s (to /metrics; to /readyz); its CPU s\t%s; %s; %s\t\t\t\n' "$(med $s startup_s)" "$(med $s ready_s)" "$(med $s startup_cpu_s)"
     printf 'scheduled\tworst rep: WARN/ERROR/panic log lines; panics; shutdown s\t%s; %s; %s\t\t\t\n' "$(worst $s log_problems)" "$(worst $s panics)" "$(med $s shutdown_s)"
     printf 'scheduled\tloadavg before / other%%\t%s / %s\t\t\t\n' "$(med $s load1)" "$(med $s other_pct)"
+  fi
+  if has replicas && [[ $(med replicas probes_per_s) != - ]]; then
+    s=replicas
+    shv=$(awk -v a="$(med $s share_min_of_even)" -v b="$(med $s share_max_of_even)" 'BEGIN { print (a >= 0.8 && b <= 1.2) ? "MET" : "MISSED" }')
+    printf '3 replicas N=%s @1m %ss\tduplicate probes, nginx log (worst rep)\t%s\t-\t0\t%s\n' "$REPL_N" "$REPL_DUR" "$(worst $s duplicates)" "$(verdict "$(worst $s duplicates)" '<=' 0)"
+    printf '3 replicas\tsmallest / largest share of even\t%s / %s\t-\t0.8 - 1.2\t%s\n' "$(spread $s share_min_of_even)" "$(spread $s share_max_of_even)" "$shv"
+    printf '3 replicas\tshare of even per replica (0; 1; 2)\t%s; %s; %s\t\t\t\n' "$(med $s share_of_even_0)" "$(med $s share_of_even_1)" "$(med $s share_of_even_2)"
+    printf '3 replicas\tprobes/s total (counters) vs expected\t%s\t-\texpected %s (N / 60 s)\t\n' "$(spread $s probes_per_s)" "$(calc "$REPL_N / $REPL_INTERVAL" 1)"
+    printf '3 replicas\tprobes/s seen by nginx; non-200\t%s; %s\t\t\t\n' "$(med $s nginx_per_s)" "$(worst $s non200)"
+    printf '3 replicas\tconnections not probed in the window (worst rep)\t%s\t\t0\t%s\n' "$(worst $s conns_missed)" "$(verdict "$(worst $s conns_missed)" '<=' 0)"
+    printf '3 replicas\tconnections with a stored result at the end\t%s\tof %s\t\t\n' "$(med $s recorded)" "$REPL_N"
+    printf '3 replicas\tgap between probes of a connection s: min / max\t%s / %s\t\t\t\n' "$(med $s min_gap_s)" "$(med $s max_gap_s)"
+    printf '3 replicas\tlateness p50 / p99 s (all replicas, window)\t%s / %s\t\t\t\n' "$(spread $s lateness_p50_s)" "$(spread $s lateness_p99_s)"
+    printf '3 replicas\tCPU %% of one core per replica (0; 1; 2)\t%s; %s; %s\t\t\t\n' "$(med $s cpu_pct_0)" "$(med $s cpu_pct_1)" "$(med $s cpu_pct_2)"
+    printf '3 replicas\tCPU us/probe (3 replicas together)\t%s\t\t\t\n' "$(spread $s cpu_us_per_probe)"
+    printf '3 replicas\tPostgreSQL server CPU %% of one core; us/probe\t%s; %s\t\t\t\n' "$(med $s pg_cpu_pct)" "$(med $s pg_cpu_us_per_probe)"
+    printf '3 replicas\tRSS MiB at end per replica (0; 1; 2); peak\t%s; %s; %s; %s\t\t\t\n' "$(med $s rss_end_mib_0)" "$(med $s rss_end_mib_1)" "$(med $s rss_end_mib_2)" \
+      "$(awk -F'\t' '$1 == "replicas" && $3 ~ /^peak_rss_mib_/ && $4 > m {m = $4} END {print m + 0}' "$RAW")"
+    printf '3 replicas\tstart-up s (launch to all /metrics)\t%s\t\t\t\n' "$(spread $s startup_s)"
+    printf '3 replicas\treplicas that exited during start-up (worst rep; restarted)\t%s\t\t0\t%s\n' "$(worst $s startup_exits)" "$(verdict "$(worst $s startup_exits)" '<=' 0)"
+    printf '3 replicas\tleaders (connwatch_leader summed, worst rep)\t%s\t\t1\t\n' "$(worst $s leaders)"
+    printf '3 replicas\tworst rep: WARN/ERROR/panic log lines; panics\t%s; %s\t\t\t\n' "$(worst $s log_problems)" "$(worst $s panics)"
+    printf '3 replicas\tworst rep, whole run: store retries; deadlocks; result batches lost\t%s; %s; %s\t\t\t\n' "$(worst $s store_retries)" "$(worst $s deadlocks)" "$(worst $s results_lost)"
+    printf '3 replicas\tloadavg before / other%%\t%s / %s\t\t\t\n' "$(med $s load1)" "$(med $s other_pct)"
   fi
 } >"$S"
 echo; echo "== summary (medians of $REPS rep(s); scheduled: $SCHED_REPS; (min-max) when reps differ) - raw rows in $RAW"

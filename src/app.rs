@@ -137,10 +137,22 @@ pub async fn sync_connections(
                 .map(crate::schedule::millis),
         })
         .collect();
-    let deactivated = store
-        .sync_connections(&connections, now)
-        .await
-        .context("cannot store the configured connections")?;
+    // A transient failure (a PostgreSQL deadlock or serialization failure while other
+    // replicas write) is retried before start-up or reload gives up.
+    let mut attempt = 0;
+    let deactivated = loop {
+        match store.sync_connections(&connections, now).await {
+            Ok(deactivated) => break deactivated,
+            Err(error) if attempt < 3 => {
+                attempt += 1;
+                tracing::warn!(%error, attempt, "cannot store the configured connections; retrying");
+                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            }
+            Err(error) => {
+                return Err(error).context("cannot store the configured connections");
+            }
+        }
+    };
     tracing::info!(
         connections = connections.len(),
         deactivated,

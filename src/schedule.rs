@@ -360,7 +360,15 @@ impl Scheduler {
         let mut attempt = 0;
         loop {
             match self.store.record_probes(batch).await {
-                Ok(_) => break,
+                Ok(applied) => {
+                    // A result whose lease was lost was dropped: it is not counted either.
+                    for record in batch {
+                        if applied.contains(record.id.as_str()) {
+                            self.observe(record);
+                        }
+                    }
+                    return;
+                }
                 Err(error) if attempt < 3 => {
                     attempt += 1;
                     self.metrics
@@ -380,9 +388,6 @@ impl Scheduler {
                     return;
                 }
             }
-        }
-        for record in batch {
-            self.observe(record);
         }
     }
 

@@ -82,7 +82,11 @@ impl Store {
             .into_iter()
             .map(|(id, health, paused, operator_paused)| (id, (health, paused, operator_paused)))
             .collect();
-        for chunk in connections.chunks(SYNC_CHUNK) {
+        // Rows are locked in id order (as `record_probes` does), so replicas starting
+        // together and probing meanwhile never deadlock on PostgreSQL.
+        let mut sorted: Vec<&SyncConnection> = connections.iter().collect();
+        sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        for chunk in sorted.chunks(SYNC_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO connections (id, name, platform, remote_id, active, config_generation, \
                  paused, health, health_since, next_due, created_at, expected_webhook_ms, contacts, \
@@ -222,23 +226,30 @@ impl Store {
 
     /// Stores a batch of probe verdicts in one transaction: latest result, health,
     /// transitions, incidents; releases the leases. A record whose lease was lost
-    /// (expired and taken by another replica) is dropped. Returns the records applied.
+    /// (expired and taken by another replica) is dropped. Returns the ids applied.
     ///
     /// Rows go in multi-row statements (`Store::chunk_sizes`): at 10,000 probes a second
     /// the per-statement round trips to sqlx's SQLite worker, not SQLite, were most of
     /// the cost.
-    pub async fn record_probes(&self, records: &[ProbeRecord]) -> Result<usize, StoreError> {
+    pub async fn record_probes(
+        &self,
+        records: &[ProbeRecord],
+    ) -> Result<HashSet<String>, StoreError> {
         let mail = self.mail_policy();
         let sizes = self.chunk_sizes();
         let mut transaction = self.begin_write().await?;
         let mut applied: HashSet<String> = HashSet::with_capacity(records.len());
         // Most probes change no health: their statement leaves `health` alone, so SQLite
         // does not rewrite the connection's entry in the (active, health) index each time.
-        let (changed, steady): (Vec<&ProbeRecord>, Vec<&ProbeRecord>) = records
-            .iter()
-            .partition(|record| record.verdict.transition.is_some());
-        for (group, with_health) in [(changed, true), (steady, false)] {
-            for chunk in super::chunks_of(&group, sizes) {
+        // Rows go in id order (runs of the same kind), like `sync_connections`: on
+        // PostgreSQL two transactions locking rows in one order wait instead of deadlocking.
+        let mut ordered: Vec<&ProbeRecord> = records.iter().collect();
+        ordered.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        for run in ordered.chunk_by(|a, b| {
+            a.verdict.transition.is_some() == b.verdict.transition.is_some()
+        }) {
+            let with_health = run[0].verdict.transition.is_some();
+            for chunk in super::chunks_of(run, sizes) {
                 let ids = update_latest(&mut transaction, chunk, with_health).await?;
                 applied.extend(ids.into_iter().map(|(id,)| id));
             }
@@ -255,7 +266,7 @@ impl Store {
         for chunk in super::chunks_of(&history, sizes) {
             insert_history(&mut transaction, chunk).await?;
         }
-        for record in records {
+        for record in &ordered {
             if let Some(transition) = &record.verdict.transition
                 && applied.contains(record.id.as_str())
             {
@@ -263,7 +274,7 @@ impl Store {
             }
         }
         transaction.commit().await?;
-        Ok(applied.len())
+        Ok(applied)
     }
 
     /// Marks a connection due now (token rotated, probe requested). False if unknown.

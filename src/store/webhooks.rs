@@ -229,6 +229,8 @@ impl Store {
             }
             query.execute(&mut **transaction).await?;
         }
+        // In id order, like `record_probes`: no deadlock between the two on PostgreSQL.
+        activity.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
         for (id, seen) in &activity {
             let row = connections
                 .values()
