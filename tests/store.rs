@@ -238,7 +238,11 @@ async fn a_record_whose_lease_was_taken_over_is_dropped(kind: Kind) {
         }])
         .await
         .expect("record");
-    assert_eq!(applied.len(), 0, "the slow owner's result must not count twice");
+    assert_eq!(
+        applied.len(),
+        0,
+        "the slow owner's result must not count twice"
+    );
 }
 
 async fn sync_deactivates_removed_connections_and_counts_health(kind: Kind) {

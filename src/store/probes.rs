@@ -245,9 +245,9 @@ impl Store {
         // PostgreSQL two transactions locking rows in one order wait instead of deadlocking.
         let mut ordered: Vec<&ProbeRecord> = records.iter().collect();
         ordered.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-        for run in ordered.chunk_by(|a, b| {
-            a.verdict.transition.is_some() == b.verdict.transition.is_some()
-        }) {
+        for run in ordered
+            .chunk_by(|a, b| a.verdict.transition.is_some() == b.verdict.transition.is_some())
+        {
             let with_health = run[0].verdict.transition.is_some();
             for chunk in super::chunks_of(run, sizes) {
                 let ids = update_latest(&mut transaction, chunk, with_health).await?;
