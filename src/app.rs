@@ -34,6 +34,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often the fleet-wide gauges are recounted (a count over every connection; scrapes
 /// are typically 15–60 s apart).
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+/// How often the SQLite WAL is copied into the database (`Store::checkpoint`).
+const WAL_CHECKPOINT: Duration = Duration::from_millis(500);
 
 /// Hooks for the service manager (systemd notify); no-ops by default.
 #[derive(Clone, Default)]
@@ -65,9 +67,18 @@ pub struct Running {
 
 /// Opens the store and brings its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    let store = Store::connect(&config.store.url, config.store.max_connections)
-        .await
-        .context("cannot open the store (store.url)")?;
+    open_store_with(config, true).await
+}
+
+/// As `open_store`; the daemon passes `auto_checkpoint` false and runs `checkpoint_wal`.
+async fn open_store_with(config: &Config, auto_checkpoint: bool) -> anyhow::Result<Store> {
+    let store = Store::connect_with(
+        &config.store.url,
+        config.store.max_connections,
+        auto_checkpoint,
+    )
+    .await
+    .context("cannot open the store (store.url)")?;
     store.migrate().await.context("cannot migrate the store")?;
     // Every writer plans emails, the daemon and one-shot commands (`probe`) alike.
     store.set_mail_policy(config.email.as_ref().map(mail_policy));
@@ -185,7 +196,7 @@ pub fn build_scheduler(
 /// Starts everything; returns once the admin listener is bound and probing has begun.
 pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let metrics = Metrics::new(VERSION);
-    let store = open_store(&config).await?;
+    let store = open_store_with(&config, false).await?;
     let email = prepare_email(&config)?;
     let (events, _) = broadcast::channel(1024);
     let scheduler = build_scheduler(&config, store.clone(), metrics.clone(), events.clone())?;
@@ -288,6 +299,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         };
         background.push(tokio::spawn(dispatcher.run(cancel.clone())));
     }
+    background.push(tokio::spawn(checkpoint_wal(store.clone(), cancel.clone())));
     background.push(tokio::spawn(refresh_health_gauges(
         store.clone(),
         metrics.clone(),
@@ -547,6 +559,23 @@ async fn refresh_health_gauges(
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(GAUGE_REFRESH) => {}
+        }
+    }
+}
+
+/// Checkpoints the SQLite WAL every `WAL_CHECKPOINT` beside the writers (no-op on
+/// PostgreSQL); a last one on shutdown.
+async fn checkpoint_wal(store: Store, cancel: CancellationToken) {
+    loop {
+        let stopping = tokio::select! {
+            () = cancel.cancelled() => true,
+            () = tokio::time::sleep(WAL_CHECKPOINT) => false,
+        };
+        if let Err(error) = store.checkpoint().await {
+            tracing::warn!(%error, "cannot checkpoint the database");
+        }
+        if stopping {
+            return;
         }
     }
 }
