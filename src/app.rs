@@ -131,18 +131,18 @@ pub async fn sync_connections(
         .connections
         .iter()
         .map(|connection| SyncConnection {
-            id: connection.id.clone(),
-            name: connection.name.clone(),
-            platform: connection.platform.clone(),
-            remote_id: connection.remote_id.clone(),
+            id: &connection.id,
+            name: &connection.name,
+            platform: &connection.platform,
+            remote_id: connection.remote_id.as_deref(),
             paused: connection.paused,
             first_due: scheduler.first_due(&connection.id, now),
             contacts: connection
                 .contacts
                 .iter()
-                .map(|address| address.as_str().to_owned())
+                .map(|address| address.as_str())
                 .collect(),
-            reconnect_url: connection.reconnect_url.clone(),
+            reconnect_url: connection.reconnect_url.as_deref(),
             expected_webhook_ms: connection
                 .expected_webhook_interval
                 .map(crate::schedule::millis),
@@ -380,7 +380,7 @@ impl Running {
         for connection in &config.connections {
             match old.connections.get(&connection.id) {
                 None => summary.added += 1,
-                Some(previous) if **previous != *connection => summary.changed += 1,
+                Some(previous) if previous != connection => summary.changed += 1,
                 Some(_) => {}
             }
         }

@@ -58,11 +58,11 @@ pub struct Roster {
 }
 
 impl Roster {
-    pub fn new(connections: &[ConnectionConfig]) -> Roster {
+    pub fn new(connections: &[Arc<ConnectionConfig>]) -> Roster {
         Roster {
             connections: connections
                 .iter()
-                .map(|connection| (connection.id.clone(), Arc::new(connection.clone())))
+                .map(|connection| (connection.id.clone(), connection.clone()))
                 .collect(),
         }
     }

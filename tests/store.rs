@@ -20,17 +20,20 @@ fn id(raw: &str) -> ConnectionId {
     ConnectionId::parse(raw).expect("id")
 }
 
-fn sync(raw: &str, first_due: i64) -> SyncConnection {
+/// A configured connection as the daemon hands it to the store (borrowed from its config;
+/// leaked here, a few bytes per test).
+fn sync(raw: &str, first_due: i64) -> SyncConnection<'static> {
+    let leak = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
     SyncConnection {
-        id: id(raw),
-        name: format!("Customer {raw}"),
-        platform: "makini".into(),
-        remote_id: Some(format!("conn_{raw}")),
+        id: Box::leak(Box::new(id(raw))),
+        name: leak(format!("Customer {raw}")),
+        platform: "makini",
+        remote_id: Some(leak(format!("conn_{raw}"))),
         paused: false,
         first_due,
         expected_webhook_ms: Some(60_000),
-        contacts: vec![format!("it@{raw}.example")],
-        reconnect_url: Some(format!("https://app.example.com/{raw}/reconnect")),
+        contacts: vec![leak(format!("it@{raw}.example"))],
+        reconnect_url: Some(leak(format!("https://app.example.com/{raw}/reconnect"))),
     }
 }
 

@@ -28,7 +28,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub probe: ProbeConfig,
     pub platforms: BTreeMap<String, PlatformConfig>,
-    pub connections: Vec<ConnectionConfig>,
+    /// Shared with the scheduler's roster (one copy of 100,000 connections, not two).
+    pub connections: Vec<std::sync::Arc<ConnectionConfig>>,
     pub log: LogConfig,
     pub webhooks: WebhooksConfig,
     pub relay: Option<RelayConfig>,
@@ -300,5 +301,6 @@ impl Config {
         self.connections
             .iter()
             .find(|connection| connection.id.as_str() == id)
+            .map(|connection| connection.as_ref())
     }
 }

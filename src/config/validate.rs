@@ -470,7 +470,7 @@ fn assemble(
             );
             continue;
         }
-        connections.push(connection);
+        connections.push(std::sync::Arc::new(connection));
     }
 
     if checker.problems.is_empty() {

@@ -11,18 +11,21 @@ use crate::classify::{ConnectionState, Verdict};
 use crate::domain::{Cause, ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
 
 /// A connection as the config describes it, for `sync_connections`.
+///
+/// Borrowed from the config: a fleet of 100,000 is synchronised at start-up, and owned
+/// copies of every name and id were ~20 MiB of the start-up peak.
 #[derive(Debug, Clone)]
-pub struct SyncConnection {
-    pub id: ConnectionId,
-    pub name: String,
-    pub platform: String,
-    pub remote_id: Option<String>,
+pub struct SyncConnection<'a> {
+    pub id: &'a ConnectionId,
+    pub name: &'a str,
+    pub platform: &'a str,
+    pub remote_id: Option<&'a str>,
     pub paused: bool,
     /// First due time for a connection the store has not seen yet.
     pub first_due: Millis,
     /// The customer's contacts (email addresses).
-    pub contacts: Vec<String>,
-    pub reconnect_url: Option<String>,
+    pub contacts: Vec<&'a str>,
+    pub reconnect_url: Option<&'a str>,
     /// Expected time between webhooks; `None` when its platform sends none.
     pub expected_webhook_ms: Option<Millis>,
 }
@@ -61,7 +64,7 @@ impl Store {
     /// history is kept). Returns the number of connections deactivated.
     pub async fn sync_connections(
         &self,
-        connections: &[SyncConnection],
+        connections: &[SyncConnection<'_>],
         now: Millis,
     ) -> Result<u64, StoreError> {
         let mail = self.mail_policy();
@@ -84,7 +87,7 @@ impl Store {
             .collect();
         // Rows are locked in id order (as `record_probes` does), so replicas starting
         // together and probing meanwhile never deadlock on PostgreSQL.
-        let mut sorted: Vec<&SyncConnection> = connections.iter().collect();
+        let mut sorted: Vec<&SyncConnection<'_>> = connections.iter().collect();
         sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
         for chunk in sorted.chunks(SYNC_CHUNK) {
             let mut sql = String::from(
@@ -125,9 +128,9 @@ impl Store {
                 };
                 query = query
                     .bind(connection.id.as_str().to_owned())
-                    .bind(connection.name.clone())
-                    .bind(connection.platform.clone())
-                    .bind(connection.remote_id.clone())
+                    .bind(connection.name.to_owned())
+                    .bind(connection.platform.to_owned())
+                    .bind(connection.remote_id.map(str::to_owned))
                     .bind(generation)
                     .bind(i64::from(connection.paused))
                     .bind(initial_health)
@@ -136,7 +139,7 @@ impl Store {
                     .bind(now)
                     .bind(connection.expected_webhook_ms)
                     .bind(connection.contacts.join("\n"))
-                    .bind(connection.reconnect_url.clone());
+                    .bind(connection.reconnect_url.map(str::to_owned));
             }
             query.execute(&mut **transaction).await?;
         }
@@ -157,7 +160,7 @@ impl Store {
                 set_health_by_operator(
                     &mut transaction,
                     mail.as_ref(),
-                    &connection.id,
+                    connection.id,
                     from,
                     to,
                     now,
