@@ -295,6 +295,27 @@ impl Store {
     }
 }
 
+/// `rows` copies of `row` joined by commas, each `?` replaced by the next `$n`: the VALUES
+/// of a multi-row statement, e.g. `value_rows(2, "(?, 'x', ?)")` is
+/// `($1, 'x', $2), ($3, 'x', $4)`.
+pub(super) fn value_rows(rows: usize, row: &str) -> String {
+    let mut sql = String::with_capacity(rows * (row.len() + 8));
+    let mut number = 0;
+    for index in 0..rows {
+        if index > 0 {
+            sql.push_str(", ");
+        }
+        for (position, piece) in row.split('?').enumerate() {
+            if position > 0 {
+                number += 1;
+                sql.push_str(&format!("${number}"));
+            }
+            sql.push_str(piece);
+        }
+    }
+    sql
+}
+
 /// Splits `items` into chunks of the given sizes (largest first, the last one 1).
 pub(super) fn chunks_of<'a, T>(mut items: &'a [T], sizes: &[usize]) -> Vec<&'a [T]> {
     let mut chunks = Vec::new();
@@ -381,7 +402,14 @@ pub fn now_millis() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::chunks_of;
+    use super::{chunks_of, value_rows};
+
+    #[test]
+    fn value_rows_number_the_parameters_row_after_row() {
+        assert_eq!(value_rows(2, "(?, 'x', ?)"), "($1, 'x', $2), ($3, 'x', $4)");
+        assert_eq!(value_rows(1, "(CAST(? AS TEXT))"), "(CAST($1 AS TEXT))");
+        assert_eq!(value_rows(0, "(?)"), "");
+    }
 
     #[test]
     fn a_batch_splits_into_few_statement_shapes() {

@@ -95,23 +95,10 @@ impl Store {
                  paused, health, health_since, next_due, created_at, expected_webhook_ms, contacts, \
                  reconnect_url) VALUES ",
             );
-            for index in 0..chunk.len() {
-                let base = index * 13;
-                if index > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push('(');
-                for column in 1..=13 {
-                    if column == 5 {
-                        sql.push_str("1, ");
-                    }
-                    sql.push_str(&format!("${}", base + column));
-                    if column < 13 {
-                        sql.push_str(", ");
-                    }
-                }
-                sql.push(')');
-            }
+            sql.push_str(&super::value_rows(
+                chunk.len(),
+                "(?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ));
             sql.push_str(
                 " ON CONFLICT (id) DO UPDATE SET name = excluded.name, platform = excluded.platform, \
                  remote_id = excluded.remote_id, active = 1, \
@@ -335,22 +322,14 @@ async fn update_latest(
     columns.extend(LATEST);
     let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
     let mut sql = format!("WITH v ({}) AS (VALUES ", names.join(", "));
-    for index in 0..chunk.len() {
-        if index > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for (column, (_, kind)) in columns.iter().enumerate() {
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "CAST(${} AS {kind})",
-                index * columns.len() + column + 1
-            ));
-        }
-        sql.push(')');
-    }
+    let row: Vec<String> = columns
+        .iter()
+        .map(|(_, kind)| format!("CAST(? AS {kind})"))
+        .collect();
+    sql.push_str(&super::value_rows(
+        chunk.len(),
+        &format!("({})", row.join(", ")),
+    ));
     sql.push_str(") UPDATE connections SET lease_owner = NULL, lease_until = 0");
     for (name, _) in &columns[2..] {
         sql.push_str(&format!(", {name} = v.{name}"));
@@ -393,23 +372,7 @@ async fn insert_history(
         "INSERT INTO probe_results (connection_id, at, outcome, status, latency_ms, request_id, \
          error_code, message) VALUES ",
     );
-    for index in 0..chunk.len() {
-        if index > 0 {
-            sql.push_str(", ");
-        }
-        let base = index * 8;
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-            base + 1,
-            base + 2,
-            base + 3,
-            base + 4,
-            base + 5,
-            base + 6,
-            base + 7,
-            base + 8
-        ));
-    }
+    sql.push_str(&super::value_rows(chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?)"));
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for record in chunk {
         let report = &record.report;

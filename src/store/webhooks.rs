@@ -120,24 +120,10 @@ impl Store {
                 "INSERT INTO webhook_events (platform, webhook_id, received_at, connection_id, \
                  remote_id, event_type, change_id, change_updated, body) VALUES ",
             );
-            for index in 0..chunk.len() {
-                let base = index * 9;
-                if index > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    base + 1,
-                    base + 2,
-                    base + 3,
-                    base + 4,
-                    base + 5,
-                    base + 6,
-                    base + 7,
-                    base + 8,
-                    base + 9
-                ));
-            }
+            sql.push_str(&super::value_rows(
+                chunk.len(),
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ));
             sql.push_str(
                 " ON CONFLICT (platform, webhook_id) DO NOTHING RETURNING platform, webhook_id",
             );
@@ -205,19 +191,7 @@ impl Store {
             let mut sql = String::from(
                 "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
             );
-            for index in 0..chunk.len() {
-                let base = index * 4;
-                if index > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, 'webhook', ${})",
-                    base + 1,
-                    base + 2,
-                    base + 3,
-                    base + 4
-                ));
-            }
+            sql.push_str(&super::value_rows(chunk.len(), "(?, ?, ?, 'webhook', ?)"));
             sql.push_str(" ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING");
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (connection, change_id, updated_at, seen_at) in chunk {
