@@ -197,6 +197,9 @@ pub fn build_scheduler(
 pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let metrics = Metrics::new(VERSION);
     let store = open_store_with(&config, false).await?;
+    store
+        .hold_database()
+        .context("cannot own the store (store.url)")?;
     let email = prepare_email(&config)?;
     let (events, _) = broadcast::channel(1024);
     let scheduler = build_scheduler(&config, store.clone(), metrics.clone(), events.clone())?;

@@ -220,7 +220,8 @@ impl Scheduler {
         tracker: TaskTracker,
         on_tick: Arc<dyn Fn() + Send + Sync>,
     ) {
-        let permits = Arc::new(Semaphore::new(self.settings().concurrency as usize));
+        let concurrency = self.settings().concurrency as usize;
+        let permits = Arc::new(Semaphore::new(concurrency));
         let (results, receiver) = mpsc::channel::<ProbeRecord>(4 * WRITE_BATCH);
         let writer = tokio::spawn(self.clone().write_results(receiver));
         // Shutdown stops claiming at once, even while due work keeps the loop busy.
@@ -229,7 +230,11 @@ impl Scheduler {
             self.last_tick.store(now, Ordering::Relaxed);
             self.metrics.scheduler_last_tick.set(now as f64 / 1000.0);
             on_tick();
-            let available = permits.available_permits().min(CLAIM_BATCH as usize) as u32;
+            // Claimed a little ahead of the free slots: the next probes are at hand the
+            // moment a slot frees, not one claim (which waits for the writer's turn)
+            // later. Those claimed ahead wait at most one round of the slots.
+            let available =
+                (permits.available_permits() + concurrency / 2).min(CLAIM_BATCH as usize) as u32;
             let mut claimed_full_batch = false;
             if available > 0 {
                 match self

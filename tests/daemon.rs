@@ -313,6 +313,50 @@ async fn health_and_history_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let platform = FakePlatform::start().await.expect("platform");
+    platform.set("tok-acme", Behaviour::Healthy);
+    let connections = [Conn {
+        id: "acme",
+        platform: "makini",
+        token_file: token_file(db.path(), "acme", "tok-acme"),
+    }];
+    let text = config_text(
+        &db.url,
+        &[("makini", platform.base_url())],
+        &connections,
+        "",
+    );
+    let running = app::start(parse(&text), Hooks::default())
+        .await
+        .expect("start");
+    let refused = app::start(parse(&text), Hooks::default()).await;
+    let message = format!("{:#}", refused.err().expect("a second daemon is refused"));
+    assert!(
+        message.contains("another `connwatch run` uses")
+            && message.contains("replicas share PostgreSQL"),
+        "{message}"
+    );
+    // The one-shot commands still read and write beside the daemon.
+    assert_eq!(
+        app::open_store(&parse(&text))
+            .await
+            .expect("open")
+            .list_connections()
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    running.shutdown().await;
+    let again = app::start(parse(&text), Hooks::default())
+        .await
+        .expect("the lock is released at shutdown");
+    again.shutdown().await;
+}
+
+#[tokio::test]
 async fn readyz_fails_when_the_store_goes_away() {
     let setup = start_with(Kind::Postgres, &["acme"], "").await;
     let url = format!("http://{}/readyz", setup.running.admin_addr);

@@ -44,6 +44,12 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Another daemon holds the SQLite database.
+    #[error(
+        "another `connwatch run` uses {0}: on SQLite one daemon owns the database \
+         (replicas share PostgreSQL)"
+    )]
+    InUse(String),
     /// A stored value is not one connwatch writes (a newer schema, or manual edits).
     #[error("unexpected stored value {value:?} in {column}")]
     Corrupt { column: &'static str, value: String },
@@ -53,9 +59,19 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where write transactions run: on SQLite one connection of its own, so its page
+    /// cache stays valid from commit to commit (SQLite drops a connection's cache when
+    /// another connection has written); on PostgreSQL the pool itself.
+    writer: AnyPool,
     backend: Backend,
     /// SQLite writers of this process take turns here (see `begin_write`).
     write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// On SQLite, the probe leases of this process (see `Store::claim_due`).
+    leases: std::sync::Arc<std::sync::Mutex<probes::MemoryLeases>>,
+    /// The SQLite database file (not for `:memory:`).
+    sqlite_path: Option<std::path::PathBuf>,
+    /// The daemon's lock on the SQLite file (`hold_database`), released on exit.
+    held: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
     /// Who gets which email; `None` when `[email]` is not configured (no outbox rows).
     mail: std::sync::Arc<std::sync::RwLock<Option<MailPolicy>>>,
 }
@@ -86,39 +102,22 @@ impl Store {
             Backend::Postgres => url.to_owned(),
         };
         let options = AnyConnectOptions::from_str(&url)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |connection, _meta| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL lets readers run beside the writer; NORMAL is durable against
-                        // a crash of the process (kill -9), which is what we promise.
-                        connection.execute("PRAGMA journal_mode = WAL").await?;
-                        connection.execute("PRAGMA synchronous = NORMAL").await?;
-                        connection.execute("PRAGMA busy_timeout = 10000").await?;
-                        // A multi-row statement keeps its undo pages (statement journal)
-                        // in memory instead of a temporary file.
-                        connection.execute("PRAGMA temp_store = MEMORY").await?;
-                        // 16 MiB of page cache (SQLite's default is 2 MiB): the pages of
-                        // the connections table and its indexes stay in memory instead of
-                        // being read back from the file on every probe's update.
-                        connection.execute("PRAGMA cache_size = -16384").await?;
-                        // The daemon checkpoints from its own task (`checkpoint`), so
-                        // a commit never stops to copy the WAL into the database.
-                        if !auto_checkpoint {
-                            connection.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await?;
+        let pool = open_pool(&options, backend, max_connections, auto_checkpoint).await?;
+        let writer = match backend {
+            Backend::Sqlite => open_pool(&options, backend, 1, auto_checkpoint).await?,
+            Backend::Postgres => pool.clone(),
+        };
         Ok(Store {
             pool,
+            writer,
             backend,
             write_lock: Default::default(),
+            leases: Default::default(),
+            sqlite_path: match backend {
+                Backend::Sqlite => sqlite_path(&url),
+                Backend::Postgres => None,
+            },
+            held: Default::default(),
             mail: Default::default(),
         })
     }
@@ -155,9 +154,32 @@ impl Store {
         Ok(())
     }
 
+    /// Makes this process the one daemon of a SQLite database: its probe leases live in
+    /// its memory (`Store::claim_due`), so a second daemon on the same file would probe
+    /// every connection twice. An exclusive `flock` on the file, released when the
+    /// process ends (even by `kill -9`); SQLite's own locks (`fcntl`) are not affected,
+    /// so one-shot commands still work beside the daemon. Nothing to do on PostgreSQL.
+    pub fn hold_database(&self) -> Result<(), StoreError> {
+        let Some(path) = &self.sqlite_path else {
+            return Ok(());
+        };
+        let file = std::fs::File::open(path).map_err(|error| {
+            StoreError::InUse(format!("{} (cannot open it: {error})", path.display()))
+        })?;
+        match file.try_lock() {
+            Ok(()) => {
+                *self.held.lock().expect("database lock") = Some(file);
+                Ok(())
+            }
+            Err(_) => Err(StoreError::InUse(path.display().to_string())),
+        }
+    }
+
     /// Closes every pooled connection (graceful shutdown).
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
+        self.held.lock().expect("database lock").take();
     }
 
     /// Starts a write transaction. On SQLite the writers of this process queue on an
@@ -170,7 +192,7 @@ impl Store {
             Backend::Sqlite => {
                 let turn = self.write_lock.clone().lock_owned().await;
                 WriteTransaction {
-                    inner: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+                    inner: self.writer.begin_with("BEGIN IMMEDIATE").await?,
                     _turn: Some(turn),
                 }
             }
@@ -183,20 +205,76 @@ impl Store {
 }
 
 impl Store {
-    /// Copies what the WAL holds into the SQLite database (a passive checkpoint: it waits
-    /// for no reader or writer, and a later writer starts the WAL over once all of it is
-    /// copied). Running it beside the writer keeps its I/O and fsync out of every commit:
-    /// SQLite's automatic checkpoint runs inside the commit that crosses 1,000 pages, which
-    /// at 10,000 webhooks a second stalled that commit's answers by tens of milliseconds.
-    /// Does nothing on PostgreSQL.
+    /// Copies what the WAL holds into the SQLite database (passive checkpoints), so the
+    /// next writer starts the WAL over: first beside the writers (the bulk of the copy),
+    /// then once more between two writes (the few pages committed meanwhile; it takes the
+    /// writer turn). Beside a busy writer alone, a checkpoint always lagged a commit
+    /// behind, the WAL never started over and grew by ~90 MiB a second at 13,000 probes a
+    /// second; under the turn alone, the whole copy held up webhook answers (p99 50 ms).
+    /// SQLite's automatic checkpoint runs inside the commit that crosses 1,000 pages,
+    /// which stalled that commit's answers likewise: the daemon turns it off and calls
+    /// this from a task of its own. Does nothing on PostgreSQL.
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
         if self.backend == Backend::Sqlite {
             sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                 .fetch_optional(&self.pool)
                 .await?;
+            let _turn = self.write_lock.lock().await;
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_optional(&self.writer)
+                .await?;
         }
         Ok(())
     }
+}
+
+/// A pool of connections to the database; on SQLite each connection is set up for WAL.
+async fn open_pool(
+    options: &AnyConnectOptions,
+    backend: Backend,
+    max_connections: u32,
+    auto_checkpoint: bool,
+) -> Result<AnyPool, StoreError> {
+    let mut pool = AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10));
+    if max_connections == 1 {
+        // The SQLite writer: its page cache is the point, so it is never recycled.
+        pool = pool.idle_timeout(None).max_lifetime(None);
+    }
+    let pool = pool
+        .after_connect(move |connection, _meta| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    // WAL lets readers run beside the writer; NORMAL is durable against
+                    // a crash of the process (kill -9), which is what we promise.
+                    connection.execute("PRAGMA journal_mode = WAL").await?;
+                    connection.execute("PRAGMA synchronous = NORMAL").await?;
+                    connection.execute("PRAGMA busy_timeout = 10000").await?;
+                    // A multi-row statement keeps its undo pages (statement journal)
+                    // in memory instead of a temporary file.
+                    connection.execute("PRAGMA temp_store = MEMORY").await?;
+                    // 16 MiB of page cache (SQLite's default is 2 MiB): the pages of
+                    // the connections table and its indexes stay in memory instead of
+                    // being read back from the file on every probe's update.
+                    connection.execute("PRAGMA cache_size = -16384").await?;
+                    // The daemon checkpoints from its own task (`checkpoint`), so
+                    // a commit never stops to copy the WAL into the database.
+                    if !auto_checkpoint {
+                        connection.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                    }
+                    // A WAL that grew in a burst is cut back to 64 MiB when it
+                    // starts over (SQLite's default keeps it at its largest).
+                    connection
+                        .execute("PRAGMA journal_size_limit = 67108864")
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options.clone())
+        .await?;
+    Ok(pool)
 }
 
 /// A write transaction; on SQLite it holds this process's writer turn until it ends.
@@ -280,30 +358,41 @@ impl Store {
 
 impl Store {
     /// Rows per multi-row statement, largest first. On SQLite every statement is a round
-    /// trip to sqlx's worker thread, so many rows go in one; not too many, because binding
-    /// costs sqlx a parameter-name lookup per parameter that scans the statement's list
-    /// (quadratic: at 64 rows of 15 parameters it was a tenth of all CPU). The sizes are
-    /// few because sqlx prepares and caches one statement per SQL text, and a batch of any
-    /// length then reuses at most three shapes. PostgreSQL gets one row per statement: sqlx sets no
+    /// trip to sqlx's worker thread, so many rows go in one. The sizes are few because sqlx
+    /// prepares and caches one statement per SQL text, and a batch of any length then
+    /// reuses at most four shapes. PostgreSQL gets one row per statement: sqlx sets no
     /// TCP_NODELAY, and a statement larger than one TCP segment waits for the server's
     /// delayed ACK (~40 ms).
     pub(super) fn chunk_sizes(&self) -> &'static [usize] {
         match self.backend {
-            Backend::Sqlite => &[16, 4, 1],
+            Backend::Sqlite => &[64, 16, 4, 1],
             Backend::Postgres => &[1],
         }
     }
+
+    /// `value_rows` for this store's database.
+    pub(super) fn value_rows(&self, rows: usize, row: &str) -> String {
+        value_rows(self.backend, rows, row)
+    }
 }
 
-/// `rows` copies of `row` joined by commas, each `?` replaced by the next `$n`: the VALUES
-/// of a multi-row statement, e.g. `value_rows(2, "(?, 'x', ?)")` is
-/// `($1, 'x', $2), ($3, 'x', $4)`.
-pub(super) fn value_rows(rows: usize, row: &str) -> String {
+/// `rows` copies of `row` joined by commas: the VALUES of a multi-row statement. On
+/// PostgreSQL each `?` becomes the next `$n`, e.g. `value_rows(Postgres, 2, "(?, 'x', ?)")`
+/// is `($1, 'x', $2), ($3, 'x', $4)`. SQLite keeps the anonymous `?`: sqlx looks up the
+/// name of every numbered parameter, and SQLite finds a name by scanning the statement's
+/// list of them, which is quadratic in the statement's size (at 64 rows of 15 parameters
+/// it was a tenth of all CPU); anonymous parameters are bound by position. The statement
+/// must then have no other parameters.
+pub(super) fn value_rows(backend: Backend, rows: usize, row: &str) -> String {
     let mut sql = String::with_capacity(rows * (row.len() + 8));
     let mut number = 0;
     for index in 0..rows {
         if index > 0 {
             sql.push_str(", ");
+        }
+        if backend == Backend::Sqlite {
+            sql.push_str(row);
+            continue;
         }
         for (position, piece) in row.split('?').enumerate() {
             if position > 0 {
@@ -392,6 +481,16 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
     }
 }
 
+/// The file of a SQLite URL (`sqlite://path?options`); `None` for an in-memory database.
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:" && !url.contains("mode=memory"))
+        .then(|| std::path::PathBuf::from(path))
+}
+
 /// Milliseconds since the epoch, now.
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now()
@@ -402,13 +501,29 @@ pub fn now_millis() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{chunks_of, value_rows};
+    use super::{Backend, chunks_of, value_rows};
 
     #[test]
-    fn value_rows_number_the_parameters_row_after_row() {
-        assert_eq!(value_rows(2, "(?, 'x', ?)"), "($1, 'x', $2), ($3, 'x', $4)");
-        assert_eq!(value_rows(1, "(CAST(? AS TEXT))"), "(CAST($1 AS TEXT))");
-        assert_eq!(value_rows(0, "(?)"), "");
+    fn value_rows_number_the_parameters_row_after_row_on_postgres() {
+        let postgres = Backend::Postgres;
+        assert_eq!(
+            value_rows(postgres, 2, "(?, 'x', ?)"),
+            "($1, 'x', $2), ($3, 'x', $4)"
+        );
+        assert_eq!(
+            value_rows(postgres, 1, "(CAST(? AS TEXT))"),
+            "(CAST($1 AS TEXT))"
+        );
+        assert_eq!(value_rows(postgres, 0, "(?)"), "");
+    }
+
+    #[test]
+    fn value_rows_keep_anonymous_parameters_on_sqlite() {
+        assert_eq!(
+            value_rows(Backend::Sqlite, 2, "(?, 'x', ?)"),
+            "(?, 'x', ?), (?, 'x', ?)"
+        );
+        assert_eq!(value_rows(Backend::Sqlite, 0, "(?)"), "");
     }
 
     #[test]

@@ -120,10 +120,7 @@ impl Store {
                 "INSERT INTO webhook_events (platform, webhook_id, received_at, connection_id, \
                  remote_id, event_type, change_id, change_updated, body) VALUES ",
             );
-            sql.push_str(&super::value_rows(
-                chunk.len(),
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ));
+            sql.push_str(&self.value_rows(chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?)"));
             sql.push_str(
                 " ON CONFLICT (platform, webhook_id) DO NOTHING RETURNING platform, webhook_id",
             );
@@ -191,7 +188,7 @@ impl Store {
             let mut sql = String::from(
                 "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
             );
-            sql.push_str(&super::value_rows(chunk.len(), "(?, ?, ?, 'webhook', ?)"));
+            sql.push_str(&self.value_rows(chunk.len(), "(?, ?, ?, 'webhook', ?)"));
             sql.push_str(" ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING");
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (connection, change_id, updated_at, seen_at) in chunk {
