@@ -328,6 +328,91 @@ async fn steady_successes_do_not_grow_the_history(kind: Kind) {
     );
 }
 
+/// Claim after claim while nothing is recorded: every due connection is claimed exactly
+/// once, in due order (on SQLite the claim reads on from a cursor and skips what it holds);
+/// a recorded one is not due again until its next slot, unless a probe is asked for.
+async fn successive_claims_take_every_due_connection_once(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let connections: Vec<_> = (0..100)
+        .map(|n| sync(&format!("c{n:03}"), 1_000 + n / 4))
+        .collect();
+    store.sync_connections(&connections, 0).await.expect("sync");
+    let mut seen = HashSet::new();
+    let mut last_due = 0;
+    for turn in 0..10 {
+        let claims = store
+            .claim_due(5_000 + turn, 10, "owner-a", 60_000)
+            .await
+            .expect("claim");
+        assert_eq!(claims.len(), 10, "turn {turn}");
+        for claim in &claims {
+            assert!(claim.due >= last_due, "earliest due first");
+            assert!(seen.insert(claim.id.clone()), "{} claimed twice", claim.id);
+        }
+        last_due = claims
+            .iter()
+            .map(|claim| claim.due)
+            .max()
+            .unwrap_or(last_due);
+    }
+    assert!(
+        store
+            .claim_due(5_100, 10, "owner-a", 60_000)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "all 100 are held"
+    );
+    let first = id("c000");
+    let verdict = classify(
+        &connwatch::classify::ConnectionState {
+            health: Health::Unknown,
+            health_since: 0,
+            consecutive_failures: 0,
+            consecutive_auth_failures: 0,
+            first_failure_at: None,
+        },
+        &report(Outcome::Ok),
+        &POLICY,
+        5_200,
+        300_000,
+    );
+    let applied = store
+        .record_probes(&[ProbeRecord {
+            id: first.clone(),
+            at: 5_200,
+            report: report(Outcome::Ok),
+            verdict,
+            last_outcome: None,
+            lease_owner: "owner-a".into(),
+        }])
+        .await
+        .expect("record");
+    assert_eq!(applied.len(), 1);
+    assert!(
+        store
+            .claim_due(5_300, 10, "owner-b", 60_000)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "recorded: due at its next slot, not now"
+    );
+    assert!(store.request_probe(&first, 5_400).await.expect("request"));
+    let asked = store
+        .claim_due(5_500, 10, "owner-b", 60_000)
+        .await
+        .expect("claim");
+    assert_eq!(
+        asked
+            .iter()
+            .map(|claim| claim.id.clone())
+            .collect::<Vec<_>>(),
+        vec![first],
+        "a probe asked for is claimed at once"
+    );
+}
+
 macro_rules! both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -347,6 +432,7 @@ both_backends!(
     sync_deactivates_removed_connections_and_counts_health,
     pruning_removes_only_old_probe_history,
     steady_successes_do_not_grow_the_history,
+    successive_claims_take_every_due_connection_once,
 );
 
 /// The daemon's checkpoint (`Store::checkpoint`, every 500 ms beside the writers) must let
