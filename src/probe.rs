@@ -31,6 +31,8 @@ type RateLimiter = governor::DefaultDirectRateLimiter;
 #[derive(Clone)]
 struct PlatformClient {
     config: Arc<PlatformConfig>,
+    /// `base_url` + `probe.path`, parsed once (not on every probe).
+    probe_url: Option<reqwest::Url>,
     client: reqwest::Client,
     permits: Arc<Semaphore>,
     /// Requests per second to this platform, when capped.
@@ -71,6 +73,11 @@ impl Prober {
             clients.insert(
                 name.clone(),
                 PlatformClient {
+                    probe_url: reqwest::Url::parse(&format!(
+                        "{}{}",
+                        platform.base_url, platform.probe_path
+                    ))
+                    .ok(),
                     config: Arc::new(platform.clone()),
                     client,
                     permits: Arc::new(Semaphore::new(platform.concurrency as usize)),
@@ -95,17 +102,31 @@ impl Prober {
             return failure(Outcome::ClientError, 0, "platform not configured".into());
         };
         let config = &client.config;
-        let url = format!("{}{}", config.base_url, config.probe_path);
-        match self
-            .request(
-                platform,
-                config.probe_method.clone(),
-                &url,
-                token,
-                BODY_LIMIT,
-            )
-            .await
-        {
+        let sent = match &client.probe_url {
+            Some(url) => {
+                self.request(
+                    platform,
+                    config.probe_method.clone(),
+                    url.clone(),
+                    token,
+                    BODY_LIMIT,
+                )
+                .await
+            }
+            // Not a URL: the request fails and says why.
+            None => {
+                let url = format!("{}{}", config.base_url, config.probe_path);
+                self.request(
+                    platform,
+                    config.probe_method.clone(),
+                    url.as_str(),
+                    token,
+                    BODY_LIMIT,
+                )
+                .await
+            }
+        };
+        match sent {
             Ok(answer) => read_answer(
                 config,
                 answer.status,
@@ -123,7 +144,7 @@ impl Prober {
         &self,
         platform: &str,
         method: reqwest::Method,
-        url: &str,
+        url: impl reqwest::IntoUrl,
         token: &SecretString,
         body_limit: usize,
     ) -> Result<Answer, ProbeReport> {
