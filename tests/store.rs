@@ -413,6 +413,84 @@ async fn successive_claims_take_every_due_connection_once(kind: Kind) {
     );
 }
 
+/// A batch of deliveries for several connections of a platform, one unknown and one
+/// repeated: each answered as it should be, activity and watermarks per connection.
+async fn a_webhook_batch_is_matched_deduplicated_and_marks_activity(kind: Kind) {
+    use connwatch::store::{WebhookDelivery, WebhookStored};
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("a", 0), sync("b", 0), sync("c", 0)], 0)
+        .await
+        .expect("sync");
+    let delivery =
+        |webhook_id: &str, remote_id: &str, updated: Option<i64>, at: i64| WebhookDelivery {
+            platform: "makini".into(),
+            webhook_id: webhook_id.into(),
+            received_at: at,
+            remote_id: remote_id.into(),
+            event_type: Some("record.updated".into()),
+            change_id: updated.map(|_| format!("chg_{webhook_id}")),
+            change_updated: updated,
+            reauth: false,
+            reconnected: false,
+            body: "{}".into(),
+        };
+    let results = store
+        .record_webhooks(&[
+            delivery("m1", "conn_b", Some(500), 1_000),
+            delivery("m2", "conn_a", Some(700), 1_100),
+            delivery("m3", "conn_gone", None, 1_200),
+            delivery("m1", "conn_b", Some(500), 1_300),
+            delivery("m4", "conn_b", Some(400), 1_400),
+        ])
+        .await
+        .expect("record");
+    let summary: Vec<String> = results
+        .iter()
+        .map(|result| match result {
+            WebhookStored::Accepted { connection, .. } => format!("accepted {connection}"),
+            WebhookStored::Duplicate => "duplicate".into(),
+            WebhookStored::UnknownConnection => "unknown".into(),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "accepted b",
+            "accepted a",
+            "unknown",
+            "duplicate",
+            "accepted b"
+        ]
+    );
+    let listed = store.list_connections().await.expect("list");
+    let find = |raw: &str| {
+        listed
+            .iter()
+            .find(|connection| connection.id.as_str() == raw)
+            .expect("listed")
+    };
+    assert_eq!(
+        (find("a").last_webhook_at, find("a").watermark),
+        (Some(1_100), Some(700))
+    );
+    assert_eq!(
+        (find("b").last_webhook_at, find("b").watermark),
+        (Some(1_400), Some(500)),
+        "the newest change, not the last delivered"
+    );
+    assert_eq!(
+        (find("c").last_webhook_at, find("c").watermark),
+        (None, None)
+    );
+    let again = store
+        .record_webhooks(&[delivery("m2", "conn_a", Some(700), 2_000)])
+        .await
+        .expect("record again");
+    assert!(matches!(again[..], [WebhookStored::Duplicate]));
+}
+
 macro_rules! both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -433,6 +511,7 @@ both_backends!(
     pruning_removes_only_old_probe_history,
     steady_successes_do_not_grow_the_history,
     successive_claims_take_every_due_connection_once,
+    a_webhook_batch_is_matched_deduplicated_and_marks_activity,
 );
 
 /// The daemon's checkpoint (`Store::checkpoint`, every 500 ms beside the writers) must let

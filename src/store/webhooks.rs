@@ -96,22 +96,54 @@ impl Store {
     ) -> Result<Vec<WebhookStored>, StoreError> {
         let mail = self.mail_policy();
         let mut transaction = self.begin_write().await?;
-        // The connections the batch names, each looked up once.
+        // The connections the batch names, looked up together (a statement is a round
+        // trip to sqlx's SQLite worker: one per connection was most of a batch's cost).
         let mut connections: HashMap<(&str, &str), Option<ConnectionRow>> = HashMap::new();
         for delivery in deliveries {
-            let key = (delivery.platform.as_str(), delivery.remote_id.as_str());
-            if connections.contains_key(&key) {
-                continue;
+            connections.insert(
+                (delivery.platform.as_str(), delivery.remote_id.as_str()),
+                None,
+            );
+        }
+        let mut wanted: Vec<(&str, &str)> = connections.keys().copied().collect();
+        wanted.sort_unstable();
+        for run in wanted.chunk_by(|a, b| a.0 == b.0) {
+            for chunk in super::chunks_of(run, self.chunk_sizes()) {
+                let platform = chunk[0].0;
+                let mut sql = String::from(
+                    "SELECT id, health, health_since, consecutive_failures, quiet, \
+                     first_failure_at, remote_id FROM connections WHERE remote_id IN (",
+                );
+                sql.push_str(&self.value_rows(chunk.len(), "?"));
+                let platform_parameter = match self.backend() {
+                    super::Backend::Sqlite => "?".to_owned(),
+                    super::Backend::Postgres => format!("${}", chunk.len() + 1),
+                };
+                sql.push_str(&format!(
+                    ") AND platform = {platform_parameter} AND active = 1 ORDER BY id"
+                ));
+                let mut query = sqlx::query_as::<
+                    _,
+                    (String, String, i64, i64, i64, Option<i64>, String),
+                >(sqlx::AssertSqlSafe(sql));
+                for (_, remote_id) in chunk {
+                    query = query.bind(*remote_id);
+                }
+                for (id, health, since, failures, quiet, first_failure_at, remote_id) in
+                    query.bind(platform).fetch_all(&mut **transaction).await?
+                {
+                    // Two connections with one remote id: the first by id, as before.
+                    let key = chunk
+                        .iter()
+                        .find(|(_, wanted)| *wanted == remote_id)
+                        .copied()
+                        .expect("a remote id asked for");
+                    connections
+                        .get_mut(&key)
+                        .expect("looked up")
+                        .get_or_insert((id, health, since, failures, quiet, first_failure_at));
+                }
             }
-            let row: Option<ConnectionRow> = sqlx::query_as(
-                "SELECT id, health, health_since, consecutive_failures, quiet, first_failure_at \
-                 FROM connections WHERE platform = $1 AND remote_id = $2 AND active = 1",
-            )
-            .bind(key.0)
-            .bind(key.1)
-            .fetch_optional(&mut **transaction)
-            .await?;
-            connections.insert(key, row);
         }
         // Every delivery in multi-row inserts; the ids returned are the new ones.
         let mut inserted: HashSet<(String, String)> = HashSet::new();
@@ -202,6 +234,9 @@ impl Store {
         }
         // In id order, like `record_probes`: no deadlock between the two on PostgreSQL.
         activity.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        for chunk in super::chunks_of(&activity, self.chunk_sizes()) {
+            touch_activity(&mut transaction, self.backend(), chunk).await?;
+        }
         for (id, seen) in &activity {
             let row = connections
                 .values()
@@ -230,8 +265,8 @@ impl Store {
         Ok(results)
     }
 
-    /// One connection's webhook activity of a batch: last seen, quiet over, watermark,
-    /// reauth (a transition at once) and reconnect (a probe at once).
+    /// One connection's webhook events of a batch, after `touch_activity`: the end of its
+    /// quiet, reauth (a transition at once) and reconnect (a probe at once).
     async fn apply_activity(
         &self,
         transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -243,17 +278,6 @@ impl Store {
         let (_, health, health_since, failures, quiet, first_failure_at) = row;
         let health = parse_health(health)?;
         let now = seen.last;
-        sqlx::query(
-            "UPDATE connections SET last_webhook_at = $2, quiet = 0, quiet_since = NULL, \
-             watermark = CASE WHEN $3 IS NULL THEN watermark \
-               WHEN watermark IS NULL OR watermark < $3 THEN $3 ELSE watermark END \
-             WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .bind(now)
-        .bind(seen.newest_change)
-        .execute(&mut **transaction)
-        .await?;
         if *quiet != 0 {
             apply_transition(
                 transaction,
@@ -666,4 +690,35 @@ fn quiet_transition(health: Health, cause: Cause, now: Millis) -> Transition {
         error_code: None,
         request_id: None,
     }
+}
+
+/// Marks the connections of a batch active (last webhook, quiet over) and advances their
+/// watermarks, in one statement.
+async fn touch_activity(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: super::Backend,
+    chunk: &[(ConnectionId, Activity)],
+) -> Result<(), StoreError> {
+    let mut sql = String::from("WITH v (cid, seen, newest) AS (VALUES ");
+    sql.push_str(&super::value_rows(
+        backend,
+        chunk.len(),
+        "(CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT))",
+    ));
+    sql.push_str(
+        ") UPDATE connections SET last_webhook_at = v.seen, quiet = 0, quiet_since = NULL, \
+         watermark = CASE WHEN v.newest IS NULL THEN connections.watermark \
+           WHEN connections.watermark IS NULL OR connections.watermark < v.newest \
+           THEN v.newest ELSE connections.watermark END \
+         FROM v WHERE connections.id = v.cid",
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (id, seen) in chunk {
+        query = query
+            .bind(id.as_str().to_owned())
+            .bind(seen.last)
+            .bind(seen.newest_change);
+    }
+    query.execute(&mut **transaction).await?;
+    Ok(())
 }
