@@ -67,11 +67,17 @@ pub struct Running {
 
 /// Opens the store and brings its schema up to date.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    open_store_with(config, true).await
+    open_store_with(config, true, false).await
 }
 
-/// As `open_store`; the daemon passes `auto_checkpoint` false and runs `checkpoint_wal`.
-async fn open_store_with(config: &Config, auto_checkpoint: bool) -> anyhow::Result<Store> {
+/// As `open_store`; the daemon passes `auto_checkpoint` false (it runs `checkpoint_wal`)
+/// and `own` true: on SQLite it must be the one process that owns the database
+/// (`Store::hold_database`), checked before migrating. `connwatch probe` owns it too.
+pub async fn open_store_with(
+    config: &Config,
+    auto_checkpoint: bool,
+    own: bool,
+) -> anyhow::Result<Store> {
     let store = Store::connect_with(
         &config.store.url,
         config.store.max_connections,
@@ -79,6 +85,11 @@ async fn open_store_with(config: &Config, auto_checkpoint: bool) -> anyhow::Resu
     )
     .await
     .context("cannot open the store (store.url)")?;
+    if own {
+        store
+            .hold_database()
+            .context("cannot own the store (store.url)")?;
+    }
     store.migrate().await.context("cannot migrate the store")?;
     // Every writer plans emails, the daemon and one-shot commands (`probe`) alike.
     store.set_mail_policy(config.email.as_ref().map(mail_policy));
@@ -196,10 +207,7 @@ pub fn build_scheduler(
 /// Starts everything; returns once the admin listener is bound and probing has begun.
 pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let metrics = Metrics::new(VERSION);
-    let store = open_store_with(&config, false).await?;
-    store
-        .hold_database()
-        .context("cannot own the store (store.url)")?;
+    let store = open_store_with(&config, false, true).await?;
     let email = prepare_email(&config)?;
     let (events, _) = broadcast::channel(1024);
     let scheduler = build_scheduler(&config, store.clone(), metrics.clone(), events.clone())?;

@@ -5,11 +5,11 @@ use std::io::Write;
 use anyhow::Context;
 use tokio::sync::broadcast;
 
-use crate::app::{VERSION, build_scheduler, open_store, sync_connections};
+use crate::app::{VERSION, build_scheduler, open_store, open_store_with, sync_connections};
 use crate::config::Config;
 use crate::domain::{ConnectionId, Millis, wire};
 use crate::metrics::Metrics;
-use crate::store::{ConnectionSummary, now_millis};
+use crate::store::{ConnectionSummary, StoreError, now_millis};
 
 /// Prints a one-line summary of a valid config.
 pub fn check_config(config: &Config, out: &mut impl Write) -> std::io::Result<()> {
@@ -130,7 +130,22 @@ pub async fn probe(config: &Config, raw_id: &str, out: &mut impl Write) -> anyho
     if config.connection(raw_id).is_none() {
         anyhow::bail!("no connection with id {raw_id} in the config");
     }
-    let store = open_store(config).await?;
+    // On SQLite a running daemon holds its probe leases in memory, where this process
+    // cannot see them: probing beside it could probe a connection twice at once.
+    let store = open_store_with(config, true, true).await.map_err(|error| {
+        if matches!(
+            error.downcast_ref::<StoreError>(),
+            Some(StoreError::InUse(_))
+        ) {
+            anyhow::anyhow!(
+                "{error:#}; ask the daemon instead: POST /api/v1/connections/{id}/probe \
+                 on its admin listener ({})",
+                config.server.admin
+            )
+        } else {
+            error
+        }
+    })?;
     let (events, _) = broadcast::channel(16);
     let scheduler = build_scheduler(config, store.clone(), Metrics::new(VERSION), events)?;
     sync_connections(&store, &scheduler, config).await?;

@@ -220,8 +220,7 @@ impl Scheduler {
         tracker: TaskTracker,
         on_tick: Arc<dyn Fn() + Send + Sync>,
     ) {
-        let concurrency = self.settings().concurrency as usize;
-        let permits = Arc::new(Semaphore::new(concurrency));
+        let permits = Arc::new(Semaphore::new(self.settings().concurrency as usize));
         let (results, receiver) = mpsc::channel::<ProbeRecord>(4 * WRITE_BATCH);
         let writer = tokio::spawn(self.clone().write_results(receiver));
         // One shared copy for the probe tasks (a clone of the scheduler is some forty
@@ -233,11 +232,7 @@ impl Scheduler {
             self.last_tick.store(now, Ordering::Relaxed);
             self.metrics.scheduler_last_tick.set(now as f64 / 1000.0);
             on_tick();
-            // Claimed a little ahead of the free slots: the next probes are at hand the
-            // moment a slot frees, not one claim (which waits for the writer's turn)
-            // later. Those claimed ahead wait at most one round of the slots.
-            let available =
-                (permits.available_permits() + concurrency / 2).min(CLAIM_BATCH as usize) as u32;
+            let available = permits.available_permits().min(CLAIM_BATCH as usize) as u32;
             let mut claimed_full_batch = false;
             if available > 0 {
                 match self

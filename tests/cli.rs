@@ -200,6 +200,11 @@ async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
         answers.contains("\"acme\""),
         "the answers were captured: {answers}"
     );
+    assert!(
+        answers.contains("another `connwatch run` uses")
+            && answers.contains("ask the daemon instead: POST /api/v1/connections/acme/probe"),
+        "`connwatch probe` beside the daemon on SQLite is refused with a way out: {answers}"
+    );
     assert!(platform.requests(rotated) > 0, "the rotated token was used");
     nix_kill(child.id(), "TERM");
     let status = child.wait().expect("wait");

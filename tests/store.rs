@@ -491,6 +491,50 @@ async fn a_webhook_batch_is_matched_deduplicated_and_marks_activity(kind: Kind) 
     assert!(matches!(again[..], [WebhookStored::Duplicate]));
 }
 
+/// A reload removes a connection while its probe is in flight: the result is dropped,
+/// the removed connection keeps its last stored state.
+async fn a_result_for_a_connection_removed_meanwhile_is_dropped(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("a", 0), sync("b", 0)], 0)
+        .await
+        .expect("sync");
+    let claims = store
+        .claim_due(1_000, 10, "owner-a", 60_000)
+        .await
+        .expect("claim");
+    assert_eq!(claims.len(), 2);
+    store
+        .sync_connections(&[sync("b", 0)], 1_500)
+        .await
+        .expect("reload without a");
+    let records: Vec<ProbeRecord> = claims
+        .into_iter()
+        .map(|claim| {
+            let outcome = if claim.id.as_str() == "a" {
+                Outcome::ClientError
+            } else {
+                Outcome::Ok
+            };
+            ProbeRecord {
+                verdict: classify(&claim.state, &report(outcome), &POLICY, 2_000, 300_000),
+                id: claim.id,
+                at: 2_000,
+                report: report(outcome),
+                last_outcome: None,
+                lease_owner: "owner-a".into(),
+            }
+        })
+        .collect();
+    let applied = store.record_probes(&records).await.expect("record");
+    assert_eq!(
+        applied.into_iter().collect::<Vec<_>>(),
+        vec!["b".to_owned()],
+        "only the configured connection's result is stored"
+    );
+}
+
 macro_rules! both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -512,6 +556,7 @@ both_backends!(
     steady_successes_do_not_grow_the_history,
     successive_claims_take_every_due_connection_once,
     a_webhook_batch_is_matched_deduplicated_and_marks_activity,
+    a_result_for_a_connection_removed_meanwhile_is_dropped,
 );
 
 /// The daemon's checkpoint (`Store::checkpoint`, every 500 ms beside the writers) must let

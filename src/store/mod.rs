@@ -50,6 +50,9 @@ pub enum StoreError {
          (replicas share PostgreSQL)"
     )]
     InUse(String),
+    /// The SQLite database file could not be locked (not because another daemon has it).
+    #[error("{0}")]
+    Lock(String),
     /// A stored value is not one connwatch writes (a newer schema, or manual edits).
     #[error("unexpected stored value {value:?} in {column}")]
     Corrupt { column: &'static str, value: String },
@@ -164,14 +167,20 @@ impl Store {
             return Ok(());
         };
         let file = std::fs::File::open(path).map_err(|error| {
-            StoreError::InUse(format!("{} (cannot open it: {error})", path.display()))
+            StoreError::Lock(format!("cannot open {}: {error}", path.display()))
         })?;
         match file.try_lock() {
             Ok(()) => {
                 *self.held.lock().expect("database lock") = Some(file);
                 Ok(())
             }
-            Err(_) => Err(StoreError::InUse(path.display().to_string())),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(StoreError::InUse(path.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(error)) => Err(StoreError::Lock(format!(
+                "cannot lock {}: {error}",
+                path.display()
+            ))),
         }
     }
 

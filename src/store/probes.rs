@@ -482,9 +482,13 @@ async fn update_latest(
     for (name, _) in &columns[2..] {
         sql.push_str(&format!(", {name} = v.{name}"));
     }
-    // On SQLite the lease was checked in memory (`record_probes`).
+    // On SQLite the lease was checked in memory (`record_probes`); a connection removed
+    // by a reload while its probe was in flight is left alone (on PostgreSQL the sync
+    // cleared its lease owner).
     sql.push_str(match backend {
-        Backend::Sqlite => " FROM v WHERE connections.id = v.cid RETURNING id",
+        Backend::Sqlite => {
+            " FROM v WHERE connections.id = v.cid AND connections.active = 1 RETURNING id"
+        }
         Backend::Postgres => {
             " FROM v WHERE connections.id = v.cid AND connections.lease_owner = v.owner \
              RETURNING id"
