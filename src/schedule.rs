@@ -220,7 +220,8 @@ impl Scheduler {
         tracker: TaskTracker,
         on_tick: Arc<dyn Fn() + Send + Sync>,
     ) {
-        let permits = Arc::new(Semaphore::new(self.settings().concurrency as usize));
+        let concurrency = self.settings().concurrency as usize;
+        let permits = Arc::new(Semaphore::new(concurrency));
         let (results, receiver) = mpsc::channel::<ProbeRecord>(4 * WRITE_BATCH);
         let writer = tokio::spawn(self.clone().write_results(receiver));
         // One shared copy for the probe tasks (a clone of the scheduler is some forty
@@ -264,15 +265,19 @@ impl Scheduler {
                     }
                 }
             }
-            if claimed_full_batch && permits.available_permits() > 0 {
-                tokio::task::yield_now().await;
-                continue;
-            }
             if claimed_full_batch {
-                // Every slot is busy and more is due: go on as soon as a probe finishes.
+                // More is due. Claim again once half the slots are free (or a turn has
+                // passed): claiming whenever one slot frees made a claim, which waits
+                // for the writer's turn, per probe.
+                let wanted = (concurrency / 2).clamp(1, CLAIM_BATCH as usize);
+                if permits.available_permits() >= wanted {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => drop(permit),
+                    free = permits.clone().acquire_many_owned(wanted as u32) => drop(free),
+                    () = tokio::time::sleep(TICK) => {}
                 }
                 continue;
             }

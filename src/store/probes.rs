@@ -484,10 +484,12 @@ async fn update_latest(
     }
     // On SQLite the lease was checked in memory (`record_probes`); a connection removed
     // by a reload while its probe was in flight is left alone (on PostgreSQL the sync
-    // cleared its lease owner).
+    // cleared its lease owner). The `+` keeps SQLite from planning the update around an
+    // index on `active` (a scan of every connection per statement: 3,800 probes a second
+    // instead of 26,000).
     sql.push_str(match backend {
         Backend::Sqlite => {
-            " FROM v WHERE connections.id = v.cid AND connections.active = 1 RETURNING id"
+            " FROM v WHERE connections.id = v.cid AND +connections.active = 1 RETURNING id"
         }
         Backend::Postgres => {
             " FROM v WHERE connections.id = v.cid AND connections.lease_owner = v.owner \
