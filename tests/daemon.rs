@@ -268,11 +268,12 @@ async fn rate_limits_are_honoured_with_retry_after() {
     setup.running.shutdown().await;
 }
 
-#[tokio::test]
-async fn health_and_history_survive_a_restart() {
-    let db = TestDb::new(Kind::Postgres).await;
+/// One connection "acme" (token `tok-acme`) on a fake platform answering `behaviour`:
+/// its database, the platform and the config text.
+async fn one_connection(kind: Kind, behaviour: Behaviour) -> (TestDb, FakePlatform, String) {
+    let db = TestDb::new(kind).await;
     let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok-acme", Behaviour::Revoked);
+    platform.set("tok-acme", behaviour);
     let connections = [Conn {
         id: "acme",
         platform: "makini",
@@ -284,6 +285,12 @@ async fn health_and_history_survive_a_restart() {
         &connections,
         "",
     );
+    (db, platform, text)
+}
+
+#[tokio::test]
+async fn health_and_history_survive_a_restart() {
+    let (_db, platform, text) = one_connection(Kind::Postgres, Behaviour::Revoked).await;
     let running = app::start(parse(&text), Hooks::default())
         .await
         .expect("start");
@@ -314,20 +321,8 @@ async fn health_and_history_survive_a_restart() {
 
 #[tokio::test]
 async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok-acme", Behaviour::Healthy);
-    let connections = [Conn {
-        id: "acme",
-        platform: "makini",
-        token_file: token_file(db.path(), "acme", "tok-acme"),
-    }];
-    let text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    );
+    // The database folder and the platform live to the end of the test.
+    let (_db, _platform, text) = one_connection(Kind::Sqlite, Behaviour::Healthy).await;
     let running = app::start(parse(&text), Hooks::default())
         .await
         .expect("start");

@@ -105,9 +105,9 @@ impl Store {
             Backend::Postgres => url.to_owned(),
         };
         let options = AnyConnectOptions::from_str(&url)?;
-        let pool = open_pool(&options, backend, max_connections, auto_checkpoint).await?;
+        let pool = open_pool(&options, backend, max_connections, auto_checkpoint, false).await?;
         let writer = match backend {
-            Backend::Sqlite => open_pool(&options, backend, 1, auto_checkpoint).await?,
+            Backend::Sqlite => open_pool(&options, backend, 1, auto_checkpoint, true).await?,
             Backend::Postgres => pool.clone(),
         };
         Ok(Store {
@@ -159,9 +159,10 @@ impl Store {
 
     /// Makes this process the one daemon of a SQLite database: its probe leases live in
     /// its memory (`Store::claim_due`), so a second daemon on the same file would probe
-    /// every connection twice. An exclusive `flock` on the file, released when the
-    /// process ends (even by `kill -9`); SQLite's own locks (`fcntl`) are not affected,
-    /// so one-shot commands still work beside the daemon. Nothing to do on PostgreSQL.
+    /// every connection twice (`connwatch probe` takes it as well). An exclusive `flock`
+    /// on the file, released when the process ends (even by `kill -9`); SQLite's own
+    /// locks (`fcntl`) are not affected, so `status` still reads beside the daemon.
+    /// Nothing to do on PostgreSQL.
     pub fn hold_database(&self) -> Result<(), StoreError> {
         let Some(path) = &self.sqlite_path else {
             return Ok(());
@@ -243,11 +244,12 @@ async fn open_pool(
     backend: Backend,
     max_connections: u32,
     auto_checkpoint: bool,
+    writer: bool,
 ) -> Result<AnyPool, StoreError> {
     let mut pool = AnyPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10));
-    if max_connections == 1 {
+    if writer {
         // The SQLite writer: its page cache is the point, so it is never recycled.
         pool = pool.idle_timeout(None).max_lifetime(None);
     }
@@ -467,18 +469,14 @@ impl Store {
 
 /// Adds `mode=rwc` (create if missing) and checks the folder exists.
 fn sqlite_url(url: &str) -> Result<String, StoreError> {
-    let rest = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:");
-    let path = rest.split('?').next().unwrap_or_default();
-    if path != ":memory:" && !path.is_empty() {
-        let folder = std::path::Path::new(path)
+    if let Some(path) = sqlite_path(url) {
+        let folder = path
             .parent()
             .filter(|folder| !folder.as_os_str().is_empty());
         if let Some(folder) = folder
             && !folder.is_dir()
         {
-            return Err(StoreError::MissingFolder(path.to_owned()));
+            return Err(StoreError::MissingFolder(path.display().to_string()));
         }
     }
     if url.contains("mode=") {
