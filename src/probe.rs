@@ -60,6 +60,9 @@ impl Prober {
         for (name, platform) in platforms {
             let client = reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                // Never retried: a probe reports what the platform answered (and the
+                // default policy copied every request in case of a retry).
+                .retry(reqwest::retry::never().max_retries_per_request(0))
                 .connect_timeout(probe.connect_timeout)
                 .timeout(probe.timeout)
                 .pool_idle_timeout(Duration::from_secs(90))
@@ -278,7 +281,16 @@ pub fn read_answer(
     body: &[u8],
     latency_ms: i64,
 ) -> ProbeReport {
-    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    // Parsed only when the profile reads something from the body (most answers are a
+    // plain 200, and parsing every one was a few per cent of a probe's CPU).
+    let reads_body = platform.error_code_pointer.is_some()
+        || platform.error_message_pointer.is_some()
+        || platform.reauth_pointer.is_some();
+    let json: Option<serde_json::Value> = if reads_body {
+        serde_json::from_slice(body).ok()
+    } else {
+        None
+    };
     let text_at = |pointer: &Option<String>| -> Option<String> {
         let value = json.as_ref()?.pointer(pointer.as_deref()?)?;
         match value {

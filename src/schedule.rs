@@ -309,7 +309,9 @@ impl Scheduler {
                 self.tokens.get(&connection.token)
             } {
                 Ok(token) => {
-                    let span = tracing::info_span!(
+                    // Debug level: nothing in a probe logs above it, and a span at the
+                    // daemon's level formatted its fields on every probe.
+                    let span = tracing::debug_span!(
                         "probe",
                         connection_id = %claim.id,
                         platform = %claim.platform

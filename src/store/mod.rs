@@ -69,6 +69,8 @@ pub struct Store {
     backend: Backend,
     /// SQLite writers of this process take turns here (see `begin_write`).
     write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// SQLite probe claims of this process take turns here (`Store::claim_due`).
+    claim_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// On SQLite, the probe leases of this process (see `Store::claim_due`).
     leases: std::sync::Arc<std::sync::Mutex<probes::MemoryLeases>>,
     /// The SQLite database file (not for `:memory:`).
@@ -115,6 +117,7 @@ impl Store {
             writer,
             backend,
             write_lock: Default::default(),
+            claim_lock: Default::default(),
             leases: Default::default(),
             sqlite_path: match backend {
                 Backend::Sqlite => sqlite_path(&url),

@@ -82,6 +82,11 @@ pub(super) struct MemoryLeases {
     held_at_cursor: usize,
     /// When the claim last read from the start.
     restarted: Millis,
+    /// A claim is reading (`Store::claim_due`): leases released meanwhile go to `released`.
+    claiming: bool,
+    /// Ids whose result was committed while the claim read. Its snapshot may predate that
+    /// commit and show the row still due, so the claim skips them (else: probed twice).
+    released: HashSet<String>,
 }
 
 impl MemoryLeases {
@@ -96,6 +101,16 @@ impl MemoryLeases {
 
     fn holds(&self, id: &str, owner: &str) -> bool {
         self.held.get(id).is_some_and(|(holder, _)| holder == owner)
+    }
+
+    /// Ends the leases of results just committed.
+    fn release<'a>(&mut self, ids: impl IntoIterator<Item = &'a String>) {
+        for id in ids {
+            self.held.remove(id);
+            if self.claiming {
+                self.released.insert(id.clone());
+            }
+        }
     }
 }
 
@@ -126,10 +141,17 @@ impl Store {
             .into_iter()
             .map(|(id, health, paused, operator_paused)| (id, (health, paused, operator_paused)))
             .collect();
-        // Rows are locked in id order (as `record_probes` does), so replicas starting
-        // together and probing meanwhile never deadlock on PostgreSQL.
+        // PostgreSQL: rows are locked in id order (as `record_probes` does), so replicas
+        // starting together and probing meanwhile never deadlock. SQLite: new rows go in
+        // in the order they fall due, so connections probed together sit side by side in
+        // the file; a batch of 1,024 results then rewrites a few dozen pages instead of
+        // one page per connection, and the claim reads them likewise.
         let mut sorted: Vec<&SyncConnection<'_>> = connections.iter().collect();
-        sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        match self.backend() {
+            Backend::Sqlite => sorted
+                .sort_by(|a, b| (a.first_due, a.id.as_str()).cmp(&(b.first_due, b.id.as_str()))),
+            Backend::Postgres => sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str())),
+        }
         for chunk in sorted.chunks(SYNC_CHUNK) {
             let mut sql = String::from(
                 "INSERT INTO connections (id, name, platform, remote_id, active, config_generation, \
@@ -235,9 +257,11 @@ impl Store {
         rows.iter().map(claimed_from_row).collect()
     }
 
-    /// `claim_due` on SQLite: reads due rows on the writer's connection (its page cache is
-    /// warm) and leases them in memory (`MemoryLeases`). A row leased in the database (a
-    /// probe asked for by the CLI, another process) is left alone until that lease ends.
+    /// `claim_due` on SQLite: reads due rows on a reader connection, beside the writer (a
+    /// claim that waited for the writer's turn waited for a commit of 1,024 results, and
+    /// the probes ran dry meanwhile), and leases them in memory (`MemoryLeases`). A row
+    /// leased in the database (a probe asked for by the CLI, another process) is left
+    /// alone until that lease ends. Claims take turns among themselves.
     async fn claim_due_in_memory(
         &self,
         now: Millis,
@@ -245,9 +269,12 @@ impl Store {
         owner: &str,
         lease_until: Millis,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let _turn = self.write_lock.lock().await;
+        let _claiming = self.claim_lock.lock().await;
         let (from, skip) = {
             let mut leases = self.leases.lock().expect("leases lock");
+            // The read below sees every commit released before this point.
+            leases.claiming = true;
+            leases.released.clear();
             leases.expire(now);
             match leases.cursor {
                 Some(cursor) => (cursor, leases.held_at_cursor),
@@ -266,9 +293,11 @@ impl Store {
             .bind(now)
             .bind(from)
             .bind(asked)
-            .fetch_all(&self.writer)
-            .await?;
+            .fetch_all(&self.pool)
+            .await;
         let mut leases = self.leases.lock().expect("leases lock");
+        leases.claiming = false;
+        let rows = rows?;
         let mut claims = Vec::with_capacity(limit as usize);
         let mut last_due = from;
         for row in &rows {
@@ -277,7 +306,7 @@ impl Store {
             }
             let id: String = row.try_get("id")?;
             last_due = row.try_get("next_due")?;
-            if leases.held.contains_key(&id) {
+            if leases.held.contains_key(&id) || leases.released.contains(&id) {
                 continue;
             }
             let claim = claimed_from_row(row)?;
@@ -314,30 +343,38 @@ impl Store {
              WHERE id = $3 AND active = 1 AND lease_until <= $4 RETURNING {CLAIM_COLUMNS}"
         );
         let mut transaction = self.begin_write().await?;
-        if self.backend() == Backend::Sqlite {
+        let sqlite = self.backend() == Backend::Sqlite;
+        if sqlite {
+            // Leased in memory first (where the daemon's claim and `record_probes` look on
+            // SQLite), so a claim reading beside this transaction skips the row.
             let mut leases = self.leases.lock().expect("leases lock");
             leases.expire(now);
             if leases.held.contains_key(id.as_str()) {
                 return Ok(None);
             }
+            leases
+                .held
+                .insert(id.to_string(), (owner.to_owned(), lease_until));
         }
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let row = match sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(owner)
             .bind(lease_until)
             .bind(id.as_str())
             .bind(now)
             .fetch_optional(&mut **transaction)
-            .await?;
-        transaction.commit().await?;
-        if row.is_some() && self.backend() == Backend::Sqlite {
-            // Also in memory, where `record_probes` looks on SQLite.
+            .await
+        {
+            Ok(row) => transaction.commit().await.map(|()| row),
+            Err(error) => Err(error),
+        };
+        if sqlite && !matches!(row, Ok(Some(_))) {
             self.leases
                 .lock()
                 .expect("leases lock")
                 .held
-                .insert(id.to_string(), (owner.to_owned(), lease_until));
+                .remove(id.as_str());
         }
-        row.as_ref().map(claimed_from_row).transpose()
+        row?.as_ref().map(claimed_from_row).transpose()
     }
 
     /// Stores a batch of probe verdicts in one transaction: latest result, health,
@@ -380,7 +417,7 @@ impl Store {
             for chunk in super::chunks_of(run, sizes) {
                 let ids =
                     update_latest(&mut transaction, self.backend(), chunk, with_health).await?;
-                applied.extend(ids.into_iter().map(|(id,)| id));
+                applied.extend(ids);
             }
         }
         // History keeps every failure and every change; a steady stream of successes is
@@ -405,10 +442,7 @@ impl Store {
         }
         transaction.commit().await?;
         if self.backend() == Backend::Sqlite {
-            let mut leases = self.leases.lock().expect("leases lock");
-            for id in &applied {
-                leases.held.remove(id);
-            }
+            self.leases.lock().expect("leases lock").release(&applied);
         }
         Ok(applied)
     }
@@ -446,7 +480,7 @@ async fn update_latest(
     backend: Backend,
     chunk: &[&ProbeRecord],
     with_health: bool,
-) -> Result<Vec<(String,)>, StoreError> {
+) -> Result<Vec<String>, StoreError> {
     // Column, SQL type. Explicit casts: PostgreSQL cannot type a VALUES column from a NULL.
     const HEALTH: [(&str, &str); 2] = [("health", "TEXT"), ("health_since", "BIGINT")];
     const LATEST: [(&str, &str); 11] = [
@@ -488,15 +522,13 @@ async fn update_latest(
     // index on `active` (a scan of every connection per statement: 3,800 probes a second
     // instead of 26,000).
     sql.push_str(match backend {
-        Backend::Sqlite => {
-            " FROM v WHERE connections.id = v.cid AND +connections.active = 1 RETURNING id"
-        }
+        Backend::Sqlite => " FROM v WHERE connections.id = v.cid AND +connections.active = 1",
         Backend::Postgres => {
             " FROM v WHERE connections.id = v.cid AND connections.lease_owner = v.owner \
              RETURNING id"
         }
     });
-    let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for record in chunk {
         let report = &record.report;
         let state = &record.verdict.state;
@@ -519,7 +551,30 @@ async fn update_latest(
             .bind(report.error_code.clone())
             .bind(report.message.clone());
     }
-    Ok(query.fetch_all(&mut **transaction).await?)
+    if backend == Backend::Postgres {
+        let rows = query.fetch_all(&mut **transaction).await?;
+        return rows.iter().map(|row| Ok(row.try_get(0)?)).collect();
+    }
+    // On SQLite the count says whether every row was written (almost always); only when
+    // one was not (removed meanwhile) are the written ones looked up. RETURNING sent one
+    // row per probe back from sqlx's worker thread, a few per cent of the CPU.
+    let written = query.execute(&mut **transaction).await?.rows_affected();
+    if written == chunk.len() as u64 {
+        return Ok(chunk
+            .iter()
+            .map(|record| record.id.as_str().to_owned())
+            .collect());
+    }
+    let sql = format!(
+        "SELECT id FROM connections WHERE active = 1 AND id IN ({})",
+        super::value_rows(backend, chunk.len(), "?")
+    );
+    let mut query = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql));
+    for record in chunk {
+        query = query.bind(record.id.as_str().to_owned());
+    }
+    let rows = query.fetch_all(&mut **transaction).await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// Appends probe history rows, one statement for the chunk.
