@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh - connwatch benchmarks (issue 6), loopback only, with the reference measured
 # in the same run beside every figure. See bench/README.md for what each number means.
-#   1. burst:     N (30,000) connections always due, probed as fast as connwatch can, every
+#   1. burst:     N (100,000) connections always due, probed as fast as connwatch can, every
 #                 result checked in SQLite; beside it blackbox_exporter driven by wrk (64, 256)
 #   2. scheduled: SCHED_N (100,000) connections at a 5-minute interval for DURATION s on
 #                 SQLite: lateness p50/p99, CPU %, RSS, database growth
@@ -12,7 +12,7 @@
 #                 duplicate probes (nginx log, one token per connection; must be 0), CPU, RSS
 # Every load is bounded in time and count; every process started here is stopped on exit.
 # Knobs (environment): QUICK=1 (smoke run: 1 rep, short durations), REPS (3), BENCHES
-# ("burst scheduled webhook replicas"), N (30000), SCHED_N (100000), DURATION (600; QUICK 120),
+# ("burst scheduled webhook replicas"), N (100000), SCHED_N (100000), DURATION (600; QUICK 120),
 # SCHED_REPS (1), BURST_DUR (20), WARMUP (5), BB_DUR (10), BB_CONCS ("64 256"), WH_DUR (15),
 # WH_CONC (64), WH_THREADS (1), BURST_CONC (1024), QUIET_WAIT (60), BG_MAX (10), REPL_N (30000),
 # REPL_DUR (180; QUICK 90), REPL_WARM (65),
@@ -29,7 +29,7 @@ else
   BB_DUR=${BB_DUR:-10} WH_DUR=${WH_DUR:-15} QUIET_WAIT=${QUIET_WAIT:-60} REPL_DUR=${REPL_DUR:-180}
 fi
 SCHED_REPS=${SCHED_REPS:-1}
-BENCHES=${BENCHES:-"burst scheduled webhook replicas"} N=${N:-30000} SCHED_N=${SCHED_N:-100000}
+BENCHES=${BENCHES:-"burst scheduled webhook replicas"} N=${N:-100000} SCHED_N=${SCHED_N:-100000}
 BB_CONCS=${BB_CONCS:-"64 256"} BURST_CONC=${BURST_CONC:-1024} BG_MAX=${BG_MAX:-10}
 WH_CONC=${WH_CONC:-64} WH_THREADS=${WH_THREADS:-1} WH_CONNS=${WH_CONNS:-16}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}

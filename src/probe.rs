@@ -281,11 +281,12 @@ pub fn read_answer(
     body: &[u8],
     latency_ms: i64,
 ) -> ProbeReport {
-    // Parsed only when the profile reads something from the body (most answers are a
-    // plain 200, and parsing every one was a few per cent of a probe's CPU).
-    let reads_body = platform.error_code_pointer.is_some()
-        || platform.error_message_pointer.is_some()
-        || platform.reauth_pointer.is_some();
+    // A success is read only when the profile looks into it (a reauthorization state, an
+    // error code that means revoked credentials); most answers are a plain 200, and
+    // parsing every one was a few per cent of a probe's CPU.
+    let reads_body = !(200..300).contains(&status)
+        || platform.reauth_pointer.is_some()
+        || !platform.auth_failure_codes.is_empty();
     let json: Option<serde_json::Value> = if reads_body {
         serde_json::from_slice(body).ok()
     } else {

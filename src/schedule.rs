@@ -372,9 +372,11 @@ impl Scheduler {
             match self.store.record_probes(batch).await {
                 Ok(applied) => {
                     // A result whose lease was lost was dropped: it is not counted either.
+                    let roster = self.roster();
+                    let mut counters = ProbeCounters::default();
                     for record in batch {
                         if applied.contains(record.id.as_str()) {
-                            self.observe(record);
+                            self.observe_with(&roster, &mut counters, record);
                         }
                     }
                     return;
@@ -402,23 +404,27 @@ impl Scheduler {
     }
 
     fn observe(&self, record: &ProbeRecord) {
-        let roster = self.roster();
+        self.observe_with(&self.roster(), &mut ProbeCounters::default(), record);
+    }
+
+    /// Counts a stored probe, tells watchers and logs a change of health.
+    fn observe_with(&self, roster: &Roster, counters: &mut ProbeCounters, record: &ProbeRecord) {
         let connection = roster.connections.get(&record.id);
         let platform = connection
             .map(|connection| connection.platform.as_str())
             .unwrap_or("unknown");
-        self.metrics
-            .probes
-            .with_label_values(&[platform, record.report.outcome.as_str()])
+        counters
+            .get(&self.metrics, platform, record.report.outcome)
             .inc();
-        self.metrics
-            .probe_duration
-            .with_label_values(&[platform])
+        counters
+            .duration(&self.metrics, platform)
             .observe(record.report.latency_ms as f64 / 1000.0);
-        let _ = self.events.send(Event::Probed {
-            id: record.id.clone(),
-            report: record.report.clone(),
-        });
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(Event::Probed {
+                id: record.id.clone(),
+                report: record.report.clone(),
+            });
+        }
         if let Some(transition) = &record.verdict.transition {
             self.metrics
                 .transitions
@@ -503,6 +509,45 @@ impl Scheduler {
     /// This process's lease owner name.
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+}
+
+/// The probe metrics of one platform, looked up once per batch of results rather than
+/// once per result (a label lookup hashes its values and takes a lock).
+#[derive(Default)]
+struct ProbeCounters {
+    platform: String,
+    outcomes: HashMap<Outcome, prometheus::IntCounter>,
+    duration: Option<prometheus::Histogram>,
+}
+
+impl ProbeCounters {
+    fn switch_to(&mut self, platform: &str) {
+        if self.platform != platform {
+            self.platform = platform.to_owned();
+            self.outcomes.clear();
+            self.duration = None;
+        }
+    }
+
+    fn get(
+        &mut self,
+        metrics: &Metrics,
+        platform: &str,
+        outcome: Outcome,
+    ) -> &prometheus::IntCounter {
+        self.switch_to(platform);
+        self.outcomes.entry(outcome).or_insert_with(|| {
+            metrics
+                .probes
+                .with_label_values(&[platform, outcome.as_str()])
+        })
+    }
+
+    fn duration(&mut self, metrics: &Metrics, platform: &str) -> &prometheus::Histogram {
+        self.switch_to(platform);
+        self.duration
+            .get_or_insert_with(|| metrics.probe_duration.with_label_values(&[platform]))
     }
 }
 
