@@ -535,6 +535,60 @@ async fn a_result_for_a_connection_removed_meanwhile_is_dropped(kind: Kind) {
     );
 }
 
+/// The daemon claims while results are committed (on SQLite the claim reads beside the
+/// writer, from a snapshot that may predate a commit): a connection whose result was just
+/// stored must not be claimed again from that older view.
+async fn claims_beside_result_commits_never_take_a_connection_twice(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let connections: Vec<_> = (0..2_000)
+        .map(|n| sync(&format!("c{n:04}"), 1_000 + n / 8))
+        .collect();
+    store.sync_connections(&connections, 0).await.expect("sync");
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Vec<ProbeRecord>>();
+    let recorder = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            while let Some(records) = receiver.recv().await {
+                let applied = store.record_probes(&records).await.expect("record");
+                assert_eq!(applied.len(), records.len(), "every result stored");
+            }
+        })
+    };
+    let mut seen = HashSet::new();
+    let mut empty_turns = 0;
+    while empty_turns < 3 {
+        let claims = store
+            .claim_due(5_000, 64, "owner-a", 600_000)
+            .await
+            .expect("claim");
+        if claims.is_empty() {
+            empty_turns += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        }
+        empty_turns = 0;
+        let mut records = Vec::new();
+        for claim in claims {
+            assert!(seen.insert(claim.id.clone()), "{} claimed twice", claim.id);
+            // Next due long after the claims' `now`: never due again in this test.
+            let verdict = classify(&claim.state, &report(Outcome::Ok), &POLICY, 5_000, 900_000);
+            records.push(ProbeRecord {
+                id: claim.id,
+                at: 5_000,
+                report: report(Outcome::Ok),
+                verdict,
+                last_outcome: claim.last_outcome,
+                lease_owner: "owner-a".into(),
+            });
+        }
+        sender.send(records).expect("recorder runs");
+    }
+    drop(sender);
+    recorder.await.expect("recorder");
+    assert_eq!(seen.len(), 2_000, "every connection claimed once");
+}
+
 macro_rules! both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -557,6 +611,7 @@ both_backends!(
     successive_claims_take_every_due_connection_once,
     a_webhook_batch_is_matched_deduplicated_and_marks_activity,
     a_result_for_a_connection_removed_meanwhile_is_dropped,
+    claims_beside_result_commits_never_take_a_connection_twice,
 );
 
 /// The daemon's checkpoint (`Store::checkpoint`, every 500 ms beside the writers) must let
