@@ -449,6 +449,29 @@ request_id_header = "x-request-id"
     }
 
     #[test]
+    fn a_plain_profile_reads_the_body_of_failures_only() {
+        let config = Config::parse(
+            r#"
+[platforms.plain]
+base_url = "http://127.0.0.1:1"
+probe = { path = "/v1/connection" }
+"#,
+        )
+        .expect("valid");
+        let plain = &config.platforms["plain"];
+        let body = br#"{"error":{"code":"TOKEN_EXPIRED","message":"token expired"}}"#;
+        let failure = read_answer(plain, 401, &HeaderMap::new(), body, 3);
+        assert_eq!(failure.outcome, Outcome::AuthFailed);
+        assert_eq!(failure.error_code.as_deref(), Some("TOKEN_EXPIRED"));
+        assert_eq!(failure.message.as_deref(), Some("token expired"));
+        // Nothing in the profile looks into a success: it is not parsed, not even when
+        // it is not JSON.
+        let success = read_answer(plain, 200, &HeaderMap::new(), b"not json", 3);
+        assert_eq!(success.outcome, Outcome::Ok);
+        assert_eq!(success.error_code, None);
+    }
+
+    #[test]
     fn retry_after_is_read_on_429_and_503_only() {
         assert_eq!(
             answer(429, "", &[("retry-after", "120")]).retry_after_secs,

@@ -211,11 +211,18 @@ async fn receive(
         count("malformed");
         return answer(StatusCode::BAD_REQUEST, "malformed");
     };
+    // Debug level: what is logged above it names its fields itself, and a span at the
+    // daemon's level formatted its fields on every delivery.
     let span =
-        tracing::info_span!("webhook", platform = %platform, remote_id = %delivery.remote_id);
+        tracing::debug_span!("webhook", platform = %platform, remote_id = %delivery.remote_id);
     let (reply, stored) = oneshot::channel();
-    if state.writer.send((delivery, reply)).await.is_err() {
-        tracing::error!(parent: &span, "the webhook writer is gone; answering 503");
+    if let Err(unsent) = state.writer.send((delivery, reply)).await {
+        let (delivery, _) = unsent.0;
+        tracing::error!(
+            platform = %platform,
+            remote_id = %delivery.remote_id,
+            "the webhook writer is gone; answering 503"
+        );
         return answer(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
     }
     // The span is entered only around synchronous code, never across an await.
