@@ -631,7 +631,7 @@ async fn the_wal_starts_over_under_back_to_back_writes() {
         let store = store.clone();
         tokio::spawn(async move {
             let mut written = 0usize;
-            for batch in 0..400 {
+            for batch in 0..800 {
                 let deliveries: Vec<WebhookDelivery> = (0..50)
                     .map(|n| WebhookDelivery {
                         platform: "makini".into(),
@@ -660,11 +660,15 @@ async fn the_wal_starts_over_under_back_to_back_writes() {
     }
     let written = writer.await.expect("writer");
     assert!(
-        written >= 40_000_000,
+        written >= 80_000_000,
         "enough written to tell: {written} bytes"
     );
+    // A WAL that never starts over holds every page written (more than `written`). One
+    // that does is as large as what was written between two checkpoints: a few MiB, more
+    // when a flush to a shared disk stalls for a second (seen on CI machines), hence the
+    // wide margin.
     assert!(
-        largest < 16 << 20,
+        largest < written as u64 / 3,
         "the WAL started over: at most {largest} bytes after {written} bytes written"
     );
 }
