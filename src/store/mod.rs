@@ -541,12 +541,17 @@ mod tests {
     #[test]
     fn a_batch_splits_into_few_statement_shapes() {
         let items: Vec<u32> = (0..87).collect();
-        let lengths: Vec<usize> = chunks_of(&items, &[64, 16, 4, 1])
+        let sizes = &[64, 32, 16, 8, 4, 2, 1];
+        let lengths: Vec<usize> = chunks_of(&items, sizes)
             .iter()
             .map(|chunk| chunk.len())
             .collect();
-        assert_eq!(lengths, vec![64, 16, 4, 1, 1, 1]);
-        let rejoined: Vec<u32> = chunks_of(&items, &[64, 16, 4, 1]).concat();
+        assert_eq!(
+            lengths,
+            vec![64, 16, 4, 2, 1],
+            "one statement per bit of 87"
+        );
+        let rejoined: Vec<u32> = chunks_of(&items, sizes).concat();
         assert_eq!(rejoined, items);
         assert!(chunks_of::<u32>(&[], &[64, 1]).is_empty());
         assert_eq!(chunks_of(&items[..3], &[1]).len(), 3);

@@ -87,13 +87,18 @@ pub(super) struct MemoryLeases {
     /// Ids whose result was committed while the claim read. Its snapshot may predate that
     /// commit and show the row still due, so the claim skips them (else: probed twice).
     released: HashSet<String>,
+    /// Ids whose result is being written (`record_probes`): their leases do not expire
+    /// meanwhile, or a claim reading beside the commit could take them again.
+    committing: HashSet<String>,
 }
 
 impl MemoryLeases {
     /// Drops leases that ended before `now`; a dropped one sends the cursor back.
     fn expire(&mut self, now: Millis) {
         let before = self.held.len();
-        self.held.retain(|_, (_, until)| *until > now);
+        let committing = &self.committing;
+        self.held
+            .retain(|id, (_, until)| *until > now || committing.contains(id));
         if self.held.len() < before || now - self.restarted >= CURSOR_RESTART {
             self.cursor = None;
         }
@@ -388,27 +393,51 @@ impl Store {
         &self,
         records: &[ProbeRecord],
     ) -> Result<HashSet<String>, StoreError> {
-        let mail = self.mail_policy();
-        let sizes = self.chunk_sizes();
-        let mut transaction = self.begin_write().await?;
-        let mut applied: HashSet<String> = HashSet::with_capacity(records.len());
+        let transaction = self.begin_write().await?;
+        if self.backend() == Backend::Postgres {
+            let records: Vec<&ProbeRecord> = records.iter().collect();
+            return self.write_probes(transaction, &records).await;
+        }
         // On SQLite the leases are in memory (`MemoryLeases`): a record whose lease was
         // taken over is dropped here, as the owner check in the statement does on
-        // PostgreSQL. They are released once the transaction is committed.
-        let records: Vec<&ProbeRecord> = if self.backend() == Backend::Sqlite {
-            let leases = self.leases.lock().expect("leases lock");
-            records
+        // PostgreSQL. The leases kept cannot expire until the transaction has ended, and
+        // are released once it is committed.
+        let records: Vec<&ProbeRecord> = {
+            let mut leases = self.leases.lock().expect("leases lock");
+            let kept: Vec<&ProbeRecord> = records
                 .iter()
                 .filter(|record| leases.holds(record.id.as_str(), &record.lease_owner))
-                .collect()
-        } else {
-            records.iter().collect()
+                .collect();
+            leases
+                .committing
+                .extend(kept.iter().map(|record| record.id.to_string()));
+            kept
         };
+        let written = self.write_probes(transaction, &records).await;
+        let mut leases = self.leases.lock().expect("leases lock");
+        for record in &records {
+            leases.committing.remove(record.id.as_str());
+        }
+        if let Ok(applied) = &written {
+            leases.release(applied);
+        }
+        written
+    }
+
+    /// `record_probes` once the records whose lease is held are known: writes and commits.
+    async fn write_probes(
+        &self,
+        mut transaction: super::WriteTransaction,
+        records: &[&ProbeRecord],
+    ) -> Result<HashSet<String>, StoreError> {
+        let mail = self.mail_policy();
+        let sizes = self.chunk_sizes();
+        let mut applied: HashSet<String> = HashSet::with_capacity(records.len());
         // Most probes change no health: their statement leaves `health` alone, so SQLite
         // does not rewrite the connection's entry in the (active, health) index each time.
         // Rows go in id order (runs of the same kind), like `sync_connections`: on
         // PostgreSQL two transactions locking rows in one order wait instead of deadlocking.
-        let mut ordered: Vec<&ProbeRecord> = records.clone();
+        let mut ordered: Vec<&ProbeRecord> = records.to_vec();
         ordered.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
         for run in ordered
             .chunk_by(|a, b| a.verdict.transition.is_some() == b.verdict.transition.is_some())
@@ -441,9 +470,6 @@ impl Store {
             }
         }
         transaction.commit().await?;
-        if self.backend() == Backend::Sqlite {
-            self.leases.lock().expect("leases lock").release(&applied);
-        }
         Ok(applied)
     }
 
