@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use common::{Kind, TestDb};
 use connwatch::classify::{Policy, classify};
 use connwatch::domain::{ConnectionId, Health, Outcome, ProbeReport};
-use connwatch::store::{ProbeRecord, Store, SyncConnection};
+use connwatch::store::{Claimed, ProbeRecord, Store, SyncConnection};
 
 const POLICY: Policy = Policy {
     failure_threshold: 2,
@@ -53,6 +53,28 @@ async fn open(db: &TestDb) -> Store {
     let store = Store::connect(&db.url, 4).await.expect("connect");
     store.migrate().await.expect("migrate");
     store
+}
+
+/// Configures `count` connections `c0000`, `c0001`, …, due from 1,000 ms on, `per_ms` of
+/// them each millisecond.
+async fn due_fleet(store: &Store, count: usize, per_ms: usize) {
+    let connections: Vec<_> = (0..count)
+        .map(|n| sync(&format!("c{n:04}"), 1_000 + (n / per_ms) as i64))
+        .collect();
+    store.sync_connections(&connections, 0).await.expect("sync");
+}
+
+/// A successful probe of a claimed connection at `at` by `owner-a`, next due at `next_due`.
+fn ok_record(claim: Claimed, at: i64, next_due: i64) -> ProbeRecord {
+    let verdict = classify(&claim.state, &report(Outcome::Ok), &POLICY, at, next_due);
+    ProbeRecord {
+        id: claim.id,
+        at,
+        report: report(Outcome::Ok),
+        verdict,
+        last_outcome: claim.last_outcome,
+        lease_owner: "owner-a".into(),
+    }
 }
 
 /// Claims `raw` now, probes with `outcome`, records; returns the new health.
@@ -334,12 +356,10 @@ async fn steady_successes_do_not_grow_the_history(kind: Kind) {
 async fn successive_claims_take_every_due_connection_once(kind: Kind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    let connections: Vec<_> = (0..100)
-        .map(|n| sync(&format!("c{n:03}"), 1_000 + n / 4))
-        .collect();
-    store.sync_connections(&connections, 0).await.expect("sync");
+    due_fleet(&store, 100, 4).await;
     let mut seen = HashSet::new();
     let mut last_due = 0;
+    let mut first = None;
     for turn in 0..10 {
         let claims = store
             .claim_due(5_000 + turn, 10, "owner-a", 60_000)
@@ -355,6 +375,11 @@ async fn successive_claims_take_every_due_connection_once(kind: Kind) {
             .map(|claim| claim.due)
             .max()
             .unwrap_or(last_due);
+        first = first.or_else(|| {
+            claims
+                .into_iter()
+                .find(|claim| claim.id.as_str() == "c0000")
+        });
     }
     assert!(
         store
@@ -364,29 +389,10 @@ async fn successive_claims_take_every_due_connection_once(kind: Kind) {
             .is_empty(),
         "all 100 are held"
     );
-    let first = id("c000");
-    let verdict = classify(
-        &connwatch::classify::ConnectionState {
-            health: Health::Unknown,
-            health_since: 0,
-            consecutive_failures: 0,
-            consecutive_auth_failures: 0,
-            first_failure_at: None,
-        },
-        &report(Outcome::Ok),
-        &POLICY,
-        5_200,
-        300_000,
-    );
+    let claim = first.expect("c0000 claimed");
+    let first = claim.id.clone();
     let applied = store
-        .record_probes(&[ProbeRecord {
-            id: first.clone(),
-            at: 5_200,
-            report: report(Outcome::Ok),
-            verdict,
-            last_outcome: None,
-            lease_owner: "owner-a".into(),
-        }])
+        .record_probes(&[ok_record(claim, 5_200, 300_000)])
         .await
         .expect("record");
     assert_eq!(applied.len(), 1);
@@ -541,10 +547,7 @@ async fn a_result_for_a_connection_removed_meanwhile_is_dropped(kind: Kind) {
 async fn claims_beside_result_commits_never_take_a_connection_twice(kind: Kind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    let connections: Vec<_> = (0..2_000)
-        .map(|n| sync(&format!("c{n:04}"), 1_000 + n / 8))
-        .collect();
-    store.sync_connections(&connections, 0).await.expect("sync");
+    due_fleet(&store, 2_000, 8).await;
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Vec<ProbeRecord>>();
     let recorder = {
         let store = store.clone();
@@ -572,15 +575,7 @@ async fn claims_beside_result_commits_never_take_a_connection_twice(kind: Kind) 
         for claim in claims {
             assert!(seen.insert(claim.id.clone()), "{} claimed twice", claim.id);
             // Next due long after the claims' `now`: never due again in this test.
-            let verdict = classify(&claim.state, &report(Outcome::Ok), &POLICY, 5_000, 900_000);
-            records.push(ProbeRecord {
-                id: claim.id,
-                at: 5_000,
-                report: report(Outcome::Ok),
-                verdict,
-                last_outcome: claim.last_outcome,
-                lease_owner: "owner-a".into(),
-            });
+            records.push(ok_record(claim, 5_000, 900_000));
         }
         sender.send(records).expect("recorder runs");
     }
