@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::alert::Mailer;
 use crate::alert::dispatch::Dispatcher;
 use crate::alert::templates::Templates;
+use crate::clock::Clock;
 use crate::config::secret::FileStamp;
 use crate::config::{Config, EmailConfig};
 use crate::domain::ConnectionId;
@@ -26,7 +27,7 @@ use crate::probe::Prober;
 use crate::relay::Relay;
 use crate::schedule::{Event, Roster, Scheduler};
 use crate::server::{AdminState, admin_router};
-use crate::store::{MailPolicy, Store, SyncConnection, now_millis};
+use crate::store::{MailPolicy, Store, SyncConnection};
 use crate::webhook::{self, WebhookState};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -42,6 +43,8 @@ const WAL_CHECKPOINT: Duration = Duration::from_millis(500);
 pub struct Hooks {
     /// Called every scheduler turn (watchdog ping).
     pub on_tick: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Where the daemon reads the time (the system clock unless a test sets a manual one).
+    pub clock: Clock,
 }
 
 /// A started daemon.
@@ -123,10 +126,10 @@ pub fn mail_policy(email: &EmailConfig) -> MailPolicy {
         reminders: email
             .reminders
             .iter()
-            .map(|delay| crate::schedule::millis(*delay))
+            .map(|delay| crate::domain::time::millis(*delay))
             .collect(),
         send_resolved: email.send_resolved,
-        hold: crate::schedule::millis(email.hold),
+        hold: crate::domain::time::millis(email.hold),
         domain,
     }
 }
@@ -137,7 +140,7 @@ pub async fn sync_connections(
     scheduler: &Scheduler,
     config: &Config,
 ) -> anyhow::Result<()> {
-    let now = now_millis();
+    let now = scheduler.clock().now();
     let connections: Vec<SyncConnection> = config
         .connections
         .iter()
@@ -156,7 +159,7 @@ pub async fn sync_connections(
             reconnect_url: connection.reconnect_url.as_deref(),
             expected_webhook_ms: connection
                 .expected_webhook_interval
-                .map(crate::schedule::millis),
+                .map(crate::domain::time::millis),
         })
         .collect();
     // A transient failure (a PostgreSQL deadlock or serialization failure while other
@@ -189,6 +192,7 @@ pub fn build_scheduler(
     store: Store,
     metrics: Metrics,
     events: broadcast::Sender<Event>,
+    clock: Clock,
 ) -> anyhow::Result<Scheduler> {
     let prober = Prober::new(&config.platforms, &config.probe)?;
     for platform in config.platforms.keys() {
@@ -201,6 +205,7 @@ pub fn build_scheduler(
         Roster::new(&config.connections),
         config.probe.clone(),
         events,
+        clock,
     ))
 }
 
@@ -210,7 +215,13 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
     let store = open_store_with(&config, false, true).await?;
     let email = prepare_email(&config)?;
     let (events, _) = broadcast::channel(1024);
-    let scheduler = build_scheduler(&config, store.clone(), metrics.clone(), events.clone())?;
+    let scheduler = build_scheduler(
+        &config,
+        store.clone(),
+        metrics.clone(),
+        events.clone(),
+        hooks.clock.clone(),
+    )?;
     sync_connections(&store, &scheduler, &config).await?;
 
     let admin_token = match &config.server.admin_token {
@@ -253,6 +264,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             store.clone(),
             metrics.clone(),
             events.clone(),
+            hooks.clock.clone(),
         )
         .context("cannot load the webhook secrets")?;
         let listener = tokio::net::TcpListener::bind(address)
@@ -294,6 +306,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             metrics.clone(),
             relay.clone(),
             scheduler.owner().to_owned(),
+            hooks.clock.clone(),
         )
         .context("cannot set up the relay ([relay])")?;
         background.push(tokio::spawn(relay.run(cancel.clone())));
@@ -307,6 +320,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             metrics: metrics.clone(),
             owner: scheduler.owner().to_owned(),
             leadership: leadership.clone(),
+            clock: hooks.clock.clone(),
         };
         background.push(tokio::spawn(dispatcher.run(cancel.clone())));
     }
@@ -338,6 +352,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         config.webhooks.clone(),
         config.email.as_ref().and_then(|email| email.daily_digest),
         leadership.clone(),
+        hooks.clock.clone(),
     )
     .await
     .context("cannot start the pruning job (store.prune_schedule)")?;
@@ -408,7 +423,7 @@ impl Running {
         self.store
             .set_mail_policy(config.email.as_ref().map(mail_policy));
         sync_connections(&self.store, &self.scheduler, &config).await?;
-        let now = now_millis();
+        let now = self.scheduler.clock().now();
         for connection in &config.connections {
             if let Some(previous) = old.connections.get(&connection.id)
                 && previous.token != connection.token
@@ -618,7 +633,7 @@ async fn watch_token_files(
             scheduler.tokens().forget();
             for id in ids {
                 tracing::info!(connection_id = %id, "token file changed; probing now");
-                if let Err(error) = store.request_probe(id, now_millis()).await {
+                if let Err(error) = store.request_probe(id, scheduler.clock().now()).await {
                     tracing::warn!(connection_id = %id, %error, "cannot schedule the probe");
                 }
             }

@@ -6,10 +6,11 @@ use anyhow::Context;
 use tokio::sync::broadcast;
 
 use crate::app::{VERSION, build_scheduler, open_store, open_store_with, sync_connections};
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::domain::{ConnectionId, Millis, wire};
+use crate::domain::{ConnectionId, Millis, time};
 use crate::metrics::Metrics;
-use crate::store::{ConnectionSummary, StoreError, now_millis};
+use crate::store::{ConnectionSummary, StoreError};
 
 /// Prints a one-line summary of a valid config.
 pub fn check_config(config: &Config, out: &mut impl Write) -> std::io::Result<()> {
@@ -39,7 +40,7 @@ pub async fn status(config: &Config, json: bool, out: &mut impl Write) -> anyhow
         )?;
         writeln!(out)?;
     } else {
-        write_table(&connections, now_millis(), out)?;
+        write_table(&connections, Clock::system().now(), out)?;
         let (pending, dead) = store.relay_counts().await?;
         if pending > 0 || dead > 0 {
             writeln!(
@@ -72,7 +73,7 @@ pub fn write_table(
             Some(incident) => format!(
                 "{} since {}{}",
                 incident.kind,
-                wire::rfc3339(incident.first_failure_at),
+                time::rfc3339(incident.first_failure_at),
                 incident
                     .error_code
                     .as_ref()
@@ -147,7 +148,13 @@ pub async fn probe(config: &Config, raw_id: &str, out: &mut impl Write) -> anyho
         }
     })?;
     let (events, _) = broadcast::channel(16);
-    let scheduler = build_scheduler(config, store.clone(), Metrics::new(VERSION), events)?;
+    let scheduler = build_scheduler(
+        config,
+        store.clone(),
+        Metrics::new(VERSION),
+        events,
+        Clock::system(),
+    )?;
     sync_connections(&store, &scheduler, config).await?;
     let record = scheduler
         .probe_now(&id)

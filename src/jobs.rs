@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
+use crate::clock::Clock;
 use crate::config::WebhooksConfig;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
-use crate::store::{Store, now_millis};
+use crate::store::Store;
 
 /// The running cron jobs.
 pub struct CronJobs {
@@ -30,6 +31,7 @@ impl CronJobs {
         webhooks: WebhooksConfig,
         daily_digest: Option<(u32, u32)>,
         leadership: Leadership,
+        clock: Clock,
     ) -> Result<CronJobs, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let mut jobs = CronJobs {
@@ -40,24 +42,23 @@ impl CronJobs {
         let store_for_digest = store.clone();
         let digest_metrics = metrics.clone();
         let prune_leadership = leadership.clone();
-        jobs.add("prune", prune_schedule, metrics, move || {
+        let prune_clock = clock.clone();
+        jobs.add("prune", prune_schedule, metrics, clock.clone(), move || {
             let store = store.clone();
+            let now = prune_clock.now();
             let webhooks = webhooks.clone();
             let leader = prune_leadership.is_leader();
             async move {
                 if !leader {
                     return;
                 }
-                match store.prune_probe_results(now_millis() - retention_ms).await {
+                match store.prune_probe_results(now - retention_ms).await {
                     Ok(deleted) => tracing::info!(deleted, "pruned probe history"),
                     Err(error) => tracing::error!(%error, "pruning failed; next run retries"),
                 }
-                let webhook_retention = crate::schedule::millis(webhooks.retention);
-                let overlap = crate::schedule::millis(webhooks.overlap);
-                match store
-                    .prune_webhooks(now_millis() - webhook_retention, overlap)
-                    .await
-                {
+                let webhook_retention = crate::domain::time::millis(webhooks.retention);
+                let overlap = crate::domain::time::millis(webhooks.overlap);
+                match store.prune_webhooks(now - webhook_retention, overlap).await {
                     Ok(deleted) => tracing::info!(deleted, "pruned webhook ids"),
                     Err(error) => {
                         tracing::error!(%error, "webhook pruning failed; next run retries")
@@ -71,28 +72,40 @@ impl CronJobs {
             // Every minute in UTC, the job compares the *local* wall clock with the
             // configured time; the digest is keyed by local date, so DST shifts neither
             // skip nor repeat it, and several replicas enqueue it once.
-            jobs.add("daily_digest", "0 * * * * *", digest_metrics, move || {
-                let store = digest_store.clone();
-                let leader = leadership.is_leader();
-                async move {
-                    if !leader {
-                        return;
+            let digest_clock = clock.clone();
+            jobs.add(
+                "daily_digest",
+                "0 * * * * *",
+                digest_metrics,
+                clock,
+                move || {
+                    let store = digest_store.clone();
+                    let now = digest_clock.now();
+                    let leader = leadership.is_leader();
+                    async move {
+                        if !leader {
+                            return;
+                        }
+                        let local = chrono::Local::now();
+                        let due = chrono::Timelike::hour(&local) * 60
+                            + chrono::Timelike::minute(&local)
+                            >= hour * 60 + minute;
+                        if !due {
+                            return;
+                        }
+                        let date = local.format("%Y-%m-%d").to_string();
+                        match store.enqueue_daily_digest(&date, now).await {
+                            Ok(true) => {
+                                tracing::debug!(%date, "daily digest enqueued (once per date)")
+                            }
+                            Ok(false) => {}
+                            Err(error) => {
+                                tracing::error!(%error, "cannot enqueue the daily digest")
+                            }
+                        }
                     }
-                    let local = chrono::Local::now();
-                    let due = chrono::Timelike::hour(&local) * 60
-                        + chrono::Timelike::minute(&local)
-                        >= hour * 60 + minute;
-                    if !due {
-                        return;
-                    }
-                    let date = local.format("%Y-%m-%d").to_string();
-                    match store.enqueue_daily_digest(&date, now_millis()).await {
-                        Ok(true) => tracing::debug!(%date, "daily digest enqueued (once per date)"),
-                        Ok(false) => {}
-                        Err(error) => tracing::error!(%error, "cannot enqueue the daily digest"),
-                    }
-                }
-            })
+                },
+            )
             .await?;
         }
         jobs.scheduler.start().await?;
@@ -104,6 +117,7 @@ impl CronJobs {
         name: &'static str,
         schedule: &str,
         metrics: Metrics,
+        clock: Clock,
         run: F,
     ) -> Result<(), JobSchedulerError>
     where
@@ -116,6 +130,7 @@ impl CronJobs {
         let job = Job::new_async(schedule, move |_id, _scheduler| {
             let busy = busy.clone();
             let metrics = metrics.clone();
+            let clock = clock.clone();
             let run = run.clone();
             Box::pin(async move {
                 if busy.swap(true, Ordering::AcqRel) {
@@ -127,7 +142,7 @@ impl CronJobs {
                 metrics
                     .job_last_run
                     .with_label_values(&[name])
-                    .set(now_millis() as f64 / 1000.0);
+                    .set(clock.now() as f64 / 1000.0);
                 busy.store(false, Ordering::Release);
             })
         })?;

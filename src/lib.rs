@@ -6,6 +6,7 @@
 pub mod alert;
 pub mod app;
 pub mod classify;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod demo;

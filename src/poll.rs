@@ -18,11 +18,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{ChangesConfig, PlatformConfig, WebhooksConfig};
-use crate::domain::{ConnectionId, Millis, Outcome, wire};
+use crate::domain::time::millis;
+use crate::domain::{ConnectionId, Millis, Outcome, time};
 use crate::metrics::Metrics;
 use crate::probe::read_answer;
-use crate::schedule::{Event, Scheduler, millis};
-use crate::store::{PollClaim, PolledChange, Store, now_millis};
+use crate::schedule::{Event, Scheduler};
+use crate::store::{PollClaim, PolledChange, Store};
 use crate::webhook::{text_at, time_value};
 
 /// Largest page of changes read.
@@ -55,7 +56,7 @@ impl Poller {
         let permits = Arc::new(tokio::sync::Semaphore::new(POLL_CONCURRENCY));
         let grace = millis(self.settings.grace);
         loop {
-            let now = now_millis();
+            let now = self.scheduler.clock().now();
             match self.store.mark_quiet(now, grace).await {
                 Ok(quiet) => {
                     for id in quiet {
@@ -112,7 +113,7 @@ impl Poller {
 
     async fn poll(&self, claim: PollClaim) {
         let owner = self.scheduler.owner().to_owned();
-        let now = now_millis();
+        let now = self.scheduler.clock().now();
         let poll_interval = millis(self.settings.poll_interval);
         let platform = self.scheduler.prober().platform(&claim.platform);
         let changes = platform
@@ -263,7 +264,7 @@ impl Poller {
                     changes.items_pointer
                 ));
             };
-            let now = now_millis();
+            let now = self.scheduler.clock().now();
             let polled: Vec<PolledChange> = items
                 .iter()
                 .filter_map(|item| {
@@ -344,7 +345,7 @@ fn page_url(
     let mut url = reqwest::Url::parse(&format!("{}{}", platform.base_url, changes.path))
         .map_err(|error| error.to_string())?;
     url.query_pairs_mut()
-        .append_pair(&changes.since_param, &wire::rfc3339(since));
+        .append_pair(&changes.since_param, &time::rfc3339(since));
     if let Some(cursor) = cursor {
         url.query_pairs_mut()
             .append_pair(&changes.cursor_param, cursor);
@@ -369,8 +370,8 @@ fn relay_message(
         "connection_id": id,
         "platform": platform.name,
         "change_id": change_id,
-        "updated_at": wire::rfc3339(updated_at),
-        "recovered_at": wire::rfc3339(now),
+        "updated_at": time::rfc3339(updated_at),
+        "recovered_at": time::rfc3339(now),
         "change": item,
     });
     (webhook_id, payload.to_string())

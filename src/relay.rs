@@ -7,9 +7,10 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::RelayConfig;
 use crate::metrics::Metrics;
-use crate::store::{RelayMessage, Store, now_millis};
+use crate::store::{RelayMessage, Store};
 use crate::webhook::verify::{decode_standard_secret, sign_standard};
 
 /// Sends relay messages.
@@ -20,6 +21,7 @@ pub struct Relay {
     key: Vec<u8>,
     client: reqwest::Client,
     owner: String,
+    clock: Clock,
 }
 
 impl Relay {
@@ -28,6 +30,7 @@ impl Relay {
         metrics: Metrics,
         settings: RelayConfig,
         owner: String,
+        clock: Clock,
     ) -> anyhow::Result<Relay> {
         let secret = settings.secret.read()?;
         let key = decode_standard_secret(secret.expose_secret()).map_err(anyhow::Error::msg)?;
@@ -42,14 +45,15 @@ impl Relay {
             key,
             client,
             owner,
+            clock,
         })
     }
 
     /// Drains the outbox until `cancel`.
     pub async fn run(self, cancel: CancellationToken) {
         loop {
-            let now = now_millis();
-            let lease_until = now + 2 * crate::schedule::millis(self.settings.timeout) + 5_000;
+            let now = self.clock.now();
+            let lease_until = now + 2 * crate::domain::time::millis(self.settings.timeout) + 5_000;
             let claimed = match self
                 .store
                 .claim_relay(now, 32, &self.owner, lease_until)
@@ -84,7 +88,7 @@ impl Relay {
     }
 
     async fn send(&self, message: RelayMessage) {
-        let timestamp = now_millis() / 1000;
+        let timestamp = self.clock.now() / 1000;
         let signature = sign_standard(
             &self.key,
             &message.webhook_id,
@@ -107,7 +111,7 @@ impl Relay {
             Err(error) if error.is_timeout() => Some("relay timed out".to_owned()),
             Err(_) => Some("cannot reach the relay".to_owned()),
         };
-        let now = now_millis();
+        let now = self.clock.now();
         let attempts = message.attempts + 1;
         let outcome = match &failure {
             None => Ok(()),

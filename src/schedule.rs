@@ -14,11 +14,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::classify::{Policy, classify};
+use crate::clock::Clock;
 use crate::config::{ConnectionConfig, ProbeConfig, SecretError, SecretRef};
+use crate::domain::time::millis;
 use crate::domain::{ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
-use crate::store::{Claimed, ProbeRecord, Store, StoreError, now_millis};
+use crate::store::{Claimed, ProbeRecord, Store, StoreError};
 
 /// Time between loop turns when nothing more is due.
 const TICK: Duration = Duration::from_millis(200);
@@ -80,6 +82,7 @@ pub struct Scheduler {
     events: broadcast::Sender<Event>,
     last_tick: Arc<AtomicI64>,
     tokens: Arc<TokenCache>,
+    clock: Clock,
 }
 
 /// Tokens read once and kept until their file changes: the token watcher stats every
@@ -135,6 +138,7 @@ impl Scheduler {
         roster: Roster,
         settings: ProbeConfig,
         events: broadcast::Sender<Event>,
+        clock: Clock,
     ) -> Scheduler {
         let owner = format!(
             "{}-{}-{:08x}",
@@ -150,8 +154,9 @@ impl Scheduler {
             settings: Arc::new(RwLock::new(Arc::new(settings))),
             owner: owner.into(),
             events,
-            last_tick: Arc::new(AtomicI64::new(now_millis())),
+            last_tick: Arc::new(AtomicI64::new(clock.now())),
             tokens: Arc::default(),
+            clock,
         }
     }
 
@@ -197,6 +202,11 @@ impl Scheduler {
         self.roster.read().expect("roster lock").clone()
     }
 
+    /// The clock every part of the daemon reads.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// When the loop last turned (milliseconds), for `/readyz`.
     pub fn last_tick(&self) -> Millis {
         self.last_tick.load(Ordering::Relaxed)
@@ -229,7 +239,7 @@ impl Scheduler {
         let shared = Arc::new(self.clone());
         // Shutdown stops claiming at once, even while due work keeps the loop busy.
         while !cancel.is_cancelled() {
-            let now = now_millis();
+            let now = self.clock.now();
             self.last_tick.store(now, Ordering::Relaxed);
             self.metrics.scheduler_last_tick.set(now as f64 / 1000.0);
             on_tick();
@@ -296,7 +306,7 @@ impl Scheduler {
 
     /// Probes one claimed connection and classifies the answer.
     async fn probe_claimed(&self, claim: Claimed, fresh_token: bool) -> ProbeRecord {
-        let lateness_ms = (now_millis() - claim.due).max(0);
+        let lateness_ms = (self.clock.now() - claim.due).max(0);
         self.metrics
             .probe_lateness
             .observe(lateness_ms as f64 / 1000.0);
@@ -329,7 +339,7 @@ impl Scheduler {
             None => unreadable_token("connection is no longer configured"),
         };
         self.metrics.probes_in_flight.dec();
-        let now = now_millis();
+        let now = self.clock.now();
         let regular_due = next_slot(&claim.id, now, millis(self.settings().interval));
         let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
         ProbeRecord {
@@ -473,7 +483,7 @@ impl Scheduler {
         report: ProbeReport,
     ) -> Result<ProbeRecord, ProbeNowError> {
         let claim = self.claim_now(id).await?;
-        let now = now_millis();
+        let now = self.clock.now();
         let regular_due = next_slot(&claim.id, now, millis(self.settings().interval));
         let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
         let record = ProbeRecord {
@@ -492,7 +502,7 @@ impl Scheduler {
     }
 
     async fn claim_now(&self, id: &ConnectionId) -> Result<Claimed, ProbeNowError> {
-        let now = now_millis();
+        let now = self.clock.now();
         let claim = self
             .store
             .claim_one(id, now, &self.owner, self.lease_until(now))
@@ -561,10 +571,6 @@ fn unreadable_token(detail: &str) -> ProbeReport {
         message: Some(format!("not probed: {detail}")),
         retry_after_secs: None,
     }
-}
-
-pub fn millis(duration: Duration) -> Millis {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
 /// The connection's next slot after `now`: a fixed phase within the interval, from a

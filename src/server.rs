@@ -12,10 +12,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::domain::{ConnectionId, wire};
+use crate::domain::{ConnectionId, time};
 use crate::metrics::Metrics;
 use crate::schedule::{ProbeNowError, Scheduler};
-use crate::store::{Store, now_millis};
+use crate::store::Store;
 
 /// `/readyz` fails when the scheduler loop has not turned for this long.
 pub const STALL_AFTER_MS: i64 = 30_000;
@@ -92,7 +92,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         tracing::warn!(%error, "readyz: store unreachable");
         return (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response();
     }
-    let stalled_for = now_millis() - state.scheduler.last_tick();
+    let stalled_for = state.scheduler.clock().now() - state.scheduler.last_tick();
     if stalled_for > STALL_AFTER_MS {
         let message = format!("scheduler stalled for {} s\n", stalled_for / 1000);
         return (StatusCode::SERVICE_UNAVAILABLE, message).into_response();
@@ -141,7 +141,7 @@ async fn probe_connection(State(state): State<AdminState>, Path(raw): Path<Strin
     match state.scheduler.probe_now(&id).await {
         Ok(record) => Json(json!({
             "id": record.id,
-            "at": wire::rfc3339(record.at),
+            "at": time::rfc3339(record.at),
             "outcome": record.report.outcome,
             "status": record.report.status,
             "latency_ms": record.report.latency_ms,
@@ -190,7 +190,7 @@ async fn set_pause(
     };
     match state
         .store
-        .set_operator_pause(&id, paused, now_millis())
+        .set_operator_pause(&id, paused, state.scheduler.clock().now())
         .await
     {
         Ok(Some(health)) => {

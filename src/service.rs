@@ -10,24 +10,27 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::app::{self, Hooks, Running};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::Health;
-use crate::store::now_millis;
 
 /// `connwatch run`: starts the daemon; SIGHUP reloads the config at `config_path`;
 /// SIGTERM or SIGINT stop it gracefully.
 pub async fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let last_ping = Arc::new(AtomicI64::new(0));
+    let clock = Clock::system();
+    let watchdog_clock = clock.clone();
     let hooks = Hooks {
         // The watchdog is pinged from the scheduler loop itself: a stuck loop stops the
         // pings and systemd restarts the service. At most one ping a second.
         on_tick: Some(Arc::new(move || {
-            let now = now_millis();
+            let now = watchdog_clock.now();
             if now - last_ping.load(Ordering::Relaxed) >= 1000 {
                 last_ping.store(now, Ordering::Relaxed);
                 let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
             }
         })),
+        clock,
     };
     let mut running = app::start(config, hooks).await?;
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);

@@ -295,7 +295,7 @@ async fn a_webhook_answered_2xx_survives_kill_9() {
         spawn_daemon_with(&config, &["admin_addr=", "webhook_addr="]);
     let key = decode_standard_secret(secret).expect("key");
     let client = reqwest::Client::new();
-    let timestamp = connwatch::store::now_millis() / 1000;
+    let timestamp = common::now_millis() / 1000;
     for index in 0..20 {
         let id = format!("msg_kill_{index}");
         let body = format!("{{\"connectionId\":\"conn_acme\",\"n\":{index}}}");

@@ -646,7 +646,7 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
     let smtp = SmtpServer::start(folder.path(), SmtpOptions::default());
     let setup = setup(Kind::Sqlite, 2, smtp.port, "hold = \"30s\"").await;
     let running = &setup.running;
-    let now = connwatch::store::now_millis();
+    let now = common::now_millis();
     assert!(
         !running
             .store

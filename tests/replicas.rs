@@ -6,11 +6,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::now_millis;
 use common::process::{nix_kill, spawn_daemon};
 use common::smtp::{SmtpOptions, SmtpServer};
 use common::{Conn, Kind, TestDb, config_text, eventually, token_file};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
-use connwatch::store::now_millis;
 
 const CONNECTIONS: usize = 30;
 const INTERVAL_MS: i64 = 2000;

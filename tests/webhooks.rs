@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
+use common::now_millis;
 use common::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
 use connwatch::app::{self, Hooks, Running};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 use connwatch::domain::{ConnectionId, Health};
-use connwatch::store::now_millis;
 use connwatch::webhook::verify::{
     decode_standard_secret, sign_hex, sign_standard, verify_standard,
 };
@@ -561,7 +561,7 @@ async fn quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: Ki
     assert!(summary.quiet, "quiet after expected interval + grace");
     let first = setup.platform.change_queries()[0].clone();
     assert!(first.starts_with("modified_after="), "{first}");
-    let since = connwatch::webhook::parse_rfc3339(
+    let since = connwatch::domain::time::parse_rfc3339(
         &reqwest::Url::parse(&format!("http://x/?{first}"))
             .expect("url")
             .query_pairs()

@@ -11,12 +11,13 @@ use tracing::Instrument;
 
 use super::Mailer;
 use super::templates::{Audience, Templates, escape_html};
+use crate::clock::Clock;
 use crate::config::EmailConfig;
-use crate::domain::wire;
+use crate::domain::time;
+use crate::domain::time::millis;
 use crate::metrics::Metrics;
 use crate::relay::backoff_ms;
-use crate::schedule::millis;
-use crate::store::{EmailJob, Store, StormChange, now_millis};
+use crate::store::{EmailJob, Store, StormChange};
 
 /// Emails claimed per turn.
 const EMAIL_BATCH: u32 = 2;
@@ -31,12 +32,14 @@ pub struct Dispatcher {
     pub owner: String,
     /// Storm detection and the outbox gauges run on the leader only.
     pub leadership: crate::leader::Leadership,
+    /// Where the dispatcher reads the time.
+    pub clock: Clock,
 }
 
 impl Dispatcher {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
-            let now = now_millis();
+            let now = self.clock.now();
             if self.leadership.is_leader() {
                 self.check_storms(now).await;
             }
@@ -62,7 +65,7 @@ impl Dispatcher {
             for job in jobs {
                 // On shutdown, or when the lease could run out mid-send, stop: the rest
                 // are claimed again when their lease expires, never sent twice at once.
-                if cancel.is_cancelled() || now_millis() + per_send > lease_until {
+                if cancel.is_cancelled() || self.clock.now() + per_send > lease_until {
                     break;
                 }
                 let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
@@ -134,7 +137,7 @@ impl Dispatcher {
             .mailer
             .send(&job.recipient, &job.message_id, &rendered)
             .await;
-        let now = now_millis();
+        let now = self.clock.now();
         let (result, stored) = match sent {
             Ok(()) => (
                 "sent",
@@ -171,7 +174,7 @@ impl Dispatcher {
     }
 
     async fn refresh_gauges(&self) {
-        let now = now_millis();
+        let now = self.clock.now();
         match self.store.outbox_stats(now).await {
             Ok((pending, oldest)) => {
                 self.metrics.email_outbox_pending.set(pending);
@@ -202,12 +205,12 @@ fn values(job: &EmailJob) -> BTreeMap<&'static str, String> {
     );
     put("platform", job.platform.clone());
     put("reconnect_url", job.reconnect_url.clone());
-    put("since", job.first_failure_at.map(wire::rfc3339));
+    put("since", job.first_failure_at.map(time::rfc3339));
     put("error_code", job.error_code.clone());
     put("request_id", job.request_id.clone());
     put("incident_id", job.incident_id.map(|id| id.to_string()));
     put("reminder_number", Some(job.sequence.to_string()));
-    put("resolved_at", job.closed_at.map(wire::rfc3339));
+    put("resolved_at", job.closed_at.map(time::rfc3339));
     put("last_message", job.last_message.clone());
     put("remote_id", job.remote_id.clone());
     if let Some(payload) = job

@@ -5,31 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Who an email is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Audience {
-    /// The customer's contacts: never internal details.
-    Customer,
-    /// Staff: everything.
-    Staff,
-}
-
-impl Audience {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Audience::Customer => "customer",
-            Audience::Staff => "staff",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Option<Audience> {
-        match raw {
-            "customer" => Some(Audience::Customer),
-            "staff" => Some(Audience::Staff),
-            _ => None,
-        }
-    }
-}
+pub use crate::domain::Audience;
 
 /// Placeholders any template may use.
 const SHARED: &[&str] = &[

@@ -14,11 +14,11 @@ use anyhow::Context;
 use tokio::sync::broadcast;
 
 use crate::app::{self, Hooks, Running};
+use crate::clock::Clock;
 use crate::commands::write_table;
 use crate::config::Config;
-use crate::domain::{Health, wire};
+use crate::domain::{Health, time};
 use crate::schedule::Event;
-use crate::store::now_millis;
 use platform::{Behaviour, FakePlatform};
 
 const CUSTOMERS: [(&str, &str); 3] = [
@@ -131,10 +131,10 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
             "\nIncident #{}: {} from {} to {}, error code {}, request id {}.",
             incident.id,
             incident.kind,
-            wire::rfc3339(incident.first_failure_at),
+            time::rfc3339(incident.first_failure_at),
             incident
                 .closed_at
-                .map(wire::rfc3339)
+                .map(time::rfc3339)
                 .unwrap_or_else(|| "now".into()),
             incident.error_code.as_deref().unwrap_or("-"),
             incident.request_id.as_deref().unwrap_or("-"),
@@ -184,7 +184,7 @@ async fn wait_for(
             }) => {
                 let mut line = format!(
                     "  {}  {:<40} {} -> {}",
-                    wire::rfc3339(transition.at),
+                    time::rfc3339(transition.at),
                     name,
                     transition.from,
                     transition.to
@@ -201,7 +201,7 @@ async fn wait_for(
                 if let (Health::NeedsReauth, Some(first)) =
                     (transition.to, transition.first_failure_at)
                 {
-                    line.push_str(&format!(" first_failure={}", wire::rfc3339(first)));
+                    line.push_str(&format!(" first_failure={}", time::rfc3339(first)));
                 }
                 writeln!(out, "{line}")?;
                 if wanted(id.as_str(), transition.to) {
@@ -219,7 +219,7 @@ async fn wait_for(
 async fn print_status(running: &Running, out: &mut impl Write) -> anyhow::Result<()> {
     let connections = running.store.list_connections().await?;
     writeln!(out, "\n$ connwatch status")?;
-    write_table(&connections, now_millis(), out)?;
+    write_table(&connections, Clock::system().now(), out)?;
     Ok(())
 }
 

@@ -241,7 +241,7 @@ async fn connection_status(
         let mut state = state.lock().expect("platform state");
         state.served += 1;
         *state.requests.entry(token.clone()).or_default() += 1;
-        let now = crate::store::now_millis();
+        let now = crate::clock::Clock::system().now();
         state
             .request_times
             .entry(token.clone())

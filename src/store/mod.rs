@@ -503,14 +503,6 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
         .then(|| std::path::PathBuf::from(path))
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::{Backend, chunks_of, value_rows};

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::{LeaseClaim, Store, StoreError};
-use crate::domain::{ConnectionId, Health, Millis, Transition, wire};
+use crate::domain::{ConnectionId, Health, Millis, Transition, time};
 
 /// What the outbox needs from `[email]` to plan emails inside a transition's transaction.
 #[derive(Debug, Clone, Default)]
@@ -596,7 +596,7 @@ async fn open_incidents(
         .into_iter()
         .map(|(id, name, platform, kind, since, code)| {
             json!({"id": id, "name": name, "platform": platform, "kind": kind,
-                   "since": wire::rfc3339(since), "error_code": code})
+                   "since": time::rfc3339(since), "error_code": code})
         })
         .collect())
 }

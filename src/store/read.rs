@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::probes::{parse_health, parse_id, parse_outcome};
 use super::{Store, StoreError};
-use crate::domain::{ConnectionId, Health, Millis, Outcome, wire};
+use crate::domain::{ConnectionId, Health, Millis, Outcome, time};
 
 /// A connection's current state, as listed by `status` and `GET /api/v1/connections`.
 #[derive(Debug, Clone, Serialize)]
@@ -16,11 +16,11 @@ pub struct ConnectionSummary {
     pub platform: String,
     pub remote_id: Option<String>,
     pub health: Health,
-    #[serde(serialize_with = "wire::time")]
+    #[serde(serialize_with = "time::serialize")]
     pub health_since: Millis,
-    #[serde(serialize_with = "wire::time")]
+    #[serde(serialize_with = "time::serialize")]
     pub next_due: Millis,
-    #[serde(serialize_with = "wire::optional_time")]
+    #[serde(serialize_with = "time::serialize_optional")]
     pub last_probe_at: Option<Millis>,
     pub last_outcome: Option<Outcome>,
     pub last_status: Option<i64>,
@@ -29,23 +29,23 @@ pub struct ConnectionSummary {
     pub last_error_code: Option<String>,
     pub last_message: Option<String>,
     pub open_incident: Option<IncidentRow>,
-    #[serde(serialize_with = "wire::optional_time")]
+    #[serde(serialize_with = "time::serialize_optional")]
     pub last_webhook_at: Option<Millis>,
     /// No webhook within the expected interval + grace: polled for changes.
     pub quiet: bool,
-    #[serde(serialize_with = "wire::optional_time")]
+    #[serde(serialize_with = "time::serialize_optional")]
     pub quiet_since: Option<Millis>,
     /// Changes up to this time are known (from webhooks or polling).
-    #[serde(serialize_with = "wire::optional_time")]
+    #[serde(serialize_with = "time::serialize_optional")]
     pub watermark: Option<Millis>,
-    #[serde(serialize_with = "wire::optional_time")]
+    #[serde(serialize_with = "time::serialize_optional")]
     pub last_poll_at: Option<Millis>,
     pub last_poll_result: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TransitionRow {
-    #[serde(serialize_with = "wire::time")]
+    #[serde(serialize_with = "time::serialize")]
     pub at: Millis,
     pub from: Health,
     pub to: Health,
@@ -53,7 +53,7 @@ pub struct TransitionRow {
     pub outcome: Option<Outcome>,
     pub error_code: Option<String>,
     pub request_id: Option<String>,
-    #[serde(serialize_with = "wire::optional_time")]
+    #[serde(serialize_with = "time::serialize_optional")]
     pub first_failure_at: Option<Millis>,
 }
 
@@ -61,11 +61,11 @@ pub struct TransitionRow {
 pub struct IncidentRow {
     pub id: i64,
     pub kind: Health,
-    #[serde(serialize_with = "wire::time")]
+    #[serde(serialize_with = "time::serialize")]
     pub opened_at: Millis,
-    #[serde(serialize_with = "wire::optional_time")]
+    #[serde(serialize_with = "time::serialize_optional")]
     pub closed_at: Option<Millis>,
-    #[serde(serialize_with = "wire::time")]
+    #[serde(serialize_with = "time::serialize")]
     pub first_failure_at: Millis,
     pub error_code: Option<String>,
     pub request_id: Option<String>,
@@ -73,7 +73,7 @@ pub struct IncidentRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeRow {
-    #[serde(serialize_with = "wire::time")]
+    #[serde(serialize_with = "time::serialize")]
     pub at: Millis,
     pub outcome: Outcome,
     pub status: Option<i64>,

@@ -173,3 +173,8 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Milliseconds since the epoch on the system clock (what a real platform signs with).
+pub fn now_millis() -> i64 {
+    connwatch::clock::Clock::system().now()
+}

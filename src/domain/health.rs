@@ -1,77 +1,11 @@
-//! The vocabulary of connwatch: connections, outcomes, health and transitions. No I/O.
+//! What probes see and what a connection's health is: outcomes, health states, causes,
+//! transitions.
 
 use std::fmt;
 
 use serde::Serialize;
 
-/// Milliseconds since the Unix epoch; every stored time uses this unit.
-pub type Millis = i64;
-
-/// A connection's id as written in the config: 1–128 of `A-Z a-z 0-9 _ . -`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct ConnectionId(String);
-
-impl ConnectionId {
-    /// Checks the characters and length; the only way to make a `ConnectionId`.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-        if raw.is_empty() || raw.len() > 128 {
-            return Err(format!(
-                "connection id {raw:?} must be 1 to 128 characters long"
-            ));
-        }
-        if !raw.chars().all(valid_char) {
-            return Err(format!(
-                "connection id {raw:?} may only contain letters, digits, '_', '.' and '-'"
-            ));
-        }
-        Ok(Self(raw.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ConnectionId {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(&self.0)
-    }
-}
-
-/// An email address, checked for the one `@` and a dotted domain; nothing fancier.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct EmailAddress(String);
-
-impl EmailAddress {
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let trimmed = raw.trim();
-        let valid = match trimmed.split_once('@') {
-            Some((local, domain)) => {
-                !local.is_empty()
-                    && !domain.is_empty()
-                    && !domain.contains('@')
-                    && !domain.starts_with('.')
-                    && !domain.ends_with('.')
-                    && !trimmed
-                        .chars()
-                        .any(|c| c.is_whitespace() || c == '<' || c == '>')
-            }
-            None => false,
-        };
-        if valid {
-            Ok(Self(trimmed.to_owned()))
-        } else {
-            Err(format!("{raw:?} is not an email address"))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+use super::Millis;
 
 /// What one probe saw. Platform failures are values of this type, never errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -248,76 +182,4 @@ pub struct Transition {
     pub outcome: Option<Outcome>,
     pub error_code: Option<String>,
     pub request_id: Option<String>,
-}
-
-/// Serde helpers: times on the wire are RFC 3339 UTC, stored times are milliseconds.
-pub mod wire {
-    use serde::Serializer;
-
-    use super::Millis;
-
-    /// Formats epoch milliseconds as RFC 3339 UTC with milliseconds.
-    pub fn rfc3339(millis: Millis) -> String {
-        let time = std::time::UNIX_EPOCH
-            + std::time::Duration::from_millis(u64::try_from(millis).unwrap_or_default());
-        humantime::format_rfc3339_millis(time).to_string()
-    }
-
-    pub fn time<S: Serializer>(millis: &Millis, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&rfc3339(*millis))
-    }
-
-    pub fn optional_time<S: Serializer>(
-        millis: &Option<Millis>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        match millis {
-            Some(millis) => serializer.serialize_str(&rfc3339(*millis)),
-            None => serializer.serialize_none(),
-        }
-    }
-}
-
-/// Cuts `text` to at most `limit` characters, on a character boundary.
-pub fn bounded(text: &str, limit: usize) -> String {
-    match text.char_indices().nth(limit) {
-        Some((index, _)) => format!("{}…", &text[..index]),
-        None => text.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connection_ids_reject_spaces_and_empty_strings() {
-        assert!(ConnectionId::parse("acme-1.prod_x").is_ok());
-        assert!(ConnectionId::parse("").is_err());
-        assert!(ConnectionId::parse("a b").is_err());
-    }
-
-    #[test]
-    fn email_addresses_need_one_at_and_a_domain() {
-        assert!(EmailAddress::parse("it@acme.example").is_ok());
-        assert!(EmailAddress::parse("not-an-address").is_err());
-        assert!(EmailAddress::parse("a@@b").is_err());
-        assert!(EmailAddress::parse("a@").is_err());
-    }
-
-    #[test]
-    fn outcome_and_health_names_round_trip() {
-        for outcome in Outcome::ALL {
-            assert_eq!(Outcome::parse(outcome.as_str()), Some(outcome));
-        }
-        for health in Health::ALL {
-            assert_eq!(Health::parse(health.as_str()), Some(health));
-        }
-    }
-
-    #[test]
-    fn bounded_cuts_on_character_boundaries() {
-        assert_eq!(bounded("héllo", 2), "hé…");
-        assert_eq!(bounded("hi", 5), "hi");
-    }
 }
