@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::config::WebhooksConfig;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
+use crate::rules::SharedRules;
 use crate::store::Store;
 
 /// The running cron jobs.
@@ -32,6 +33,7 @@ impl CronJobs {
         daily_digest: Option<(u32, u32)>,
         leadership: Leadership,
         clock: Clock,
+        rules: SharedRules,
     ) -> Result<CronJobs, JobSchedulerError> {
         let scheduler = JobScheduler::new().await?;
         let mut jobs = CronJobs {
@@ -81,6 +83,7 @@ impl CronJobs {
                 move || {
                     let store = digest_store.clone();
                     let now = digest_clock.now();
+                    let rules = rules.current();
                     let leader = leadership.is_leader();
                     async move {
                         if !leader {
@@ -94,7 +97,10 @@ impl CronJobs {
                             return;
                         }
                         let date = local.format("%Y-%m-%d").to_string();
-                        match store.enqueue_daily_digest(&date, now).await {
+                        let Some(digest) = rules.daily_digest(&date, now) else {
+                            return;
+                        };
+                        match store.enqueue_daily_digest(&date, &digest, now).await {
                             Ok(true) => {
                                 tracing::debug!(%date, "daily digest enqueued (once per date)")
                             }

@@ -5,7 +5,6 @@
 
 pub mod alert;
 pub mod app;
-pub mod classify;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -17,6 +16,7 @@ pub mod metrics;
 pub mod poll;
 pub mod probe;
 pub mod relay;
+pub mod rules;
 pub mod schedule;
 pub mod server;
 pub mod service;

@@ -647,10 +647,16 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
     let setup = setup(Kind::Sqlite, 2, smtp.port, "hold = \"30s\"").await;
     let running = &setup.running;
     let now = common::now_millis();
+    let digest = running
+        .scheduler
+        .rules()
+        .current()
+        .daily_digest("2026-11-28", now)
+        .expect("[email] is configured");
     assert!(
         !running
             .store
-            .enqueue_daily_digest("2026-11-28", now)
+            .enqueue_daily_digest("2026-11-28", &digest, now)
             .await
             .expect("digest"),
         "nothing open, no digest"
@@ -663,7 +669,7 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
     for _ in 0..3 {
         running
             .store
-            .enqueue_daily_digest("2026-11-28", now)
+            .enqueue_daily_digest("2026-11-28", &digest, now)
             .await
             .expect("digest");
     }

@@ -27,6 +27,7 @@ use crate::clock::Clock;
 use crate::config::{PlatformConfig, PlatformWebhooks, SignatureScheme};
 use crate::domain::Millis;
 use crate::metrics::Metrics;
+use crate::rules::SharedRules;
 use crate::schedule::Event;
 use crate::store::{Store, WebhookDelivery, WebhookStored};
 use verify::{SignatureError, decode_standard_secret, verify_hex, verify_standard};
@@ -78,10 +79,11 @@ impl WebhookState {
         metrics: Metrics,
         events: broadcast::Sender<Event>,
         clock: Clock,
+        rules: SharedRules,
     ) -> Result<WebhookState, KeyError> {
         let receivers = load_receivers(platforms, &metrics)?;
         let (writer, queue) = mpsc::channel(4 * WRITE_BATCH);
-        tokio::spawn(write_deliveries(store, queue, events));
+        tokio::spawn(write_deliveries(store, queue, events, rules));
         Ok(WebhookState {
             receivers: Arc::new(std::sync::RwLock::new(Arc::new(receivers))),
             writer,
@@ -336,11 +338,12 @@ async fn write_deliveries(
     store: Store,
     mut queue: mpsc::Receiver<(WebhookDelivery, Reply)>,
     events: broadcast::Sender<Event>,
+    rules: SharedRules,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         let (deliveries, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        match store.record_webhooks(&deliveries).await {
+        match store.record_webhooks(&deliveries, &rules.current()).await {
             Ok(results) => {
                 for (result, reply) in results.into_iter().zip(replies) {
                     if let WebhookStored::Accepted {
