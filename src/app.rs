@@ -323,12 +323,9 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         on_tick,
     ));
     let cron = CronJobs::start(
+        &config,
         store.clone(),
         metrics.clone(),
-        &config.store.prune_schedule,
-        config.store.retention,
-        config.webhooks.clone(),
-        config.email.as_ref().and_then(|email| email.daily_digest),
         leadership.clone(),
         hooks.clock.clone(),
         scheduler.rules().clone(),

@@ -52,15 +52,14 @@ impl Store {
                 .try_get(0)?;
         // What is stored now, in one read; then multi-row upserts (a fleet of 100,000
         // costs a few thousand statements, not 200,000).
-        let existing: HashMap<String, (String, i64, i64)> =
-            sqlx::query_as::<_, (String, String, i64, i64)>(
-                "SELECT id, health, paused, operator_paused FROM connections",
-            )
-            .fetch_all(&mut **transaction)
-            .await?
-            .into_iter()
-            .map(|(id, health, paused, operator_paused)| (id, (health, paused, operator_paused)))
-            .collect();
+        let existing: HashMap<String, (i64, i64)> = sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT id, paused, operator_paused FROM connections",
+        )
+        .fetch_all(&mut **transaction)
+        .await?
+        .into_iter()
+        .map(|(id, paused, operator_paused)| (id, (paused, operator_paused)))
+        .collect();
         // PostgreSQL: rows are locked in id order (as `record_probes` does), so replicas
         // starting together and probing meanwhile never deadlock. SQLite: new rows go in
         // in the order they fall due, so connections probed together sit side by side in
@@ -73,48 +72,11 @@ impl Store {
             Backend::Postgres => sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str())),
         }
         for chunk in sorted.chunks(SYNC_CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO connections (id, name, platform, remote_id, active, config_generation, \
-                 paused, health, health_since, next_due, created_at, expected_webhook_ms, contacts, \
-                 reconnect_url) VALUES ",
-            );
-            sql.push_str(
-                &self.value_rows(chunk.len(), "(?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-            );
-            sql.push_str(
-                " ON CONFLICT (id) DO UPDATE SET name = excluded.name, platform = excluded.platform, \
-                 remote_id = excluded.remote_id, active = 1, \
-                 config_generation = excluded.config_generation, paused = excluded.paused, \
-                 expected_webhook_ms = excluded.expected_webhook_ms, contacts = excluded.contacts, \
-                 reconnect_url = excluded.reconnect_url",
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for connection in chunk {
-                let initial_health = if connection.paused {
-                    "paused"
-                } else {
-                    "unknown"
-                };
-                query = query
-                    .bind(connection.id.as_str().to_owned())
-                    .bind(connection.name.to_owned())
-                    .bind(connection.platform.to_owned())
-                    .bind(connection.remote_id.map(str::to_owned))
-                    .bind(generation)
-                    .bind(i64::from(connection.paused))
-                    .bind(initial_health)
-                    .bind(now)
-                    .bind(connection.first_due)
-                    .bind(now)
-                    .bind(connection.expected_webhook_ms)
-                    .bind(connection.contacts.join("\n"))
-                    .bind(connection.reconnect_url.map(str::to_owned));
-            }
-            query.execute(&mut **transaction).await?;
+            self.upsert_connections(&mut transaction, chunk, generation, now)
+                .await?;
         }
         for connection in connections {
-            let Some((_, was_paused, operator_paused)) = existing.get(connection.id.as_str())
-            else {
+            let Some((was_paused, operator_paused)) = existing.get(connection.id.as_str()) else {
                 continue;
             };
             let was = *was_paused != 0 || *operator_paused != 0;
@@ -135,6 +97,53 @@ impl Store {
         .rows_affected();
         transaction.commit().await?;
         Ok(deactivated)
+    }
+
+    /// Inserts or updates one chunk of configured connections in one statement.
+    async fn upsert_connections(
+        &self,
+        transaction: &mut Tx,
+        chunk: &[&SyncConnection<'_>],
+        generation: i64,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let mut sql = String::from(
+            "INSERT INTO connections (id, name, platform, remote_id, active, config_generation, \
+             paused, health, health_since, next_due, created_at, expected_webhook_ms, contacts, \
+             reconnect_url) VALUES ",
+        );
+        sql.push_str(&self.value_rows(chunk.len(), "(?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"));
+        sql.push_str(
+            " ON CONFLICT (id) DO UPDATE SET name = excluded.name, platform = excluded.platform, \
+             remote_id = excluded.remote_id, active = 1, \
+             config_generation = excluded.config_generation, paused = excluded.paused, \
+             expected_webhook_ms = excluded.expected_webhook_ms, contacts = excluded.contacts, \
+             reconnect_url = excluded.reconnect_url",
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for connection in chunk {
+            let initial_health = if connection.paused {
+                "paused"
+            } else {
+                "unknown"
+            };
+            query = query
+                .bind(connection.id.as_str().to_owned())
+                .bind(connection.name.to_owned())
+                .bind(connection.platform.to_owned())
+                .bind(connection.remote_id.map(str::to_owned))
+                .bind(generation)
+                .bind(i64::from(connection.paused))
+                .bind(initial_health)
+                .bind(now)
+                .bind(connection.first_due)
+                .bind(now)
+                .bind(connection.expected_webhook_ms)
+                .bind(connection.contacts.join("\n"))
+                .bind(connection.reconnect_url.map(str::to_owned));
+        }
+        query.execute(&mut **transaction).await?;
+        Ok(())
     }
 
     /// Pauses or resumes a connection by operator action; returns the new health, or

@@ -554,3 +554,31 @@ async fn open_incidents(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_of_one_key_differ_between_databases_and_name_the_domain() {
+        let first = message_id("41:reauth_required:0:it@acme.example", "example.com");
+        let second = message_id("41:reauth_required:0:it@acme.example", "example.com");
+        assert_ne!(
+            first, second,
+            "a rebuilt database must not repeat Message-IDs"
+        );
+        assert!(
+            first.starts_with("<cw.") && first.ends_with("@example.com>"),
+            "{first}"
+        );
+    }
+
+    #[test]
+    fn storms_hold_per_connection_emails_only() {
+        assert_eq!(
+            kind_list(held_in_storm),
+            "('reauth_required', 'reminder', 'unreachable')"
+        );
+        assert_eq!(opening_kinds(), "('reauth_required', 'unreachable')");
+    }
+}

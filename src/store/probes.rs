@@ -363,53 +363,7 @@ async fn update_latest(
     chunk: &[&ProbeRecord],
     with_health: bool,
 ) -> Result<Vec<String>, StoreError> {
-    // Column, SQL type. Explicit casts: PostgreSQL cannot type a VALUES column from a NULL.
-    const HEALTH: [(&str, &str); 2] = [("health", "TEXT"), ("health_since", "BIGINT")];
-    const LATEST: [(&str, &str); 11] = [
-        ("consecutive_failures", "BIGINT"),
-        ("consecutive_auth_failures", "BIGINT"),
-        ("first_failure_at", "BIGINT"),
-        ("next_due", "BIGINT"),
-        ("last_probe_at", "BIGINT"),
-        ("last_outcome", "TEXT"),
-        ("last_status", "BIGINT"),
-        ("last_latency_ms", "BIGINT"),
-        ("last_request_id", "TEXT"),
-        ("last_error_code", "TEXT"),
-        ("last_message", "TEXT"),
-    ];
-    let mut columns: Vec<(&str, &str)> = vec![("cid", "TEXT"), ("owner", "TEXT")];
-    if with_health {
-        columns.extend(HEALTH);
-    }
-    columns.extend(LATEST);
-    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
-    let mut sql = format!("WITH v ({}) AS (VALUES ", names.join(", "));
-    let row: Vec<String> = columns
-        .iter()
-        .map(|(_, kind)| format!("CAST(? AS {kind})"))
-        .collect();
-    sql.push_str(&super::value_rows(
-        backend,
-        chunk.len(),
-        &format!("({})", row.join(", ")),
-    ));
-    sql.push_str(") UPDATE connections SET lease_owner = NULL, lease_until = 0");
-    for (name, _) in &columns[2..] {
-        sql.push_str(&format!(", {name} = v.{name}"));
-    }
-    // On SQLite the lease was checked in memory (`record_probes`); a connection removed
-    // by a reload while its probe was in flight is left alone (on PostgreSQL the sync
-    // cleared its lease owner). The `+` keeps SQLite from planning the update around an
-    // index on `active` (a scan of every connection per statement: 3,800 probes a second
-    // instead of 26,000).
-    sql.push_str(match backend {
-        Backend::Sqlite => " FROM v WHERE connections.id = v.cid AND +connections.active = 1",
-        Backend::Postgres => {
-            " FROM v WHERE connections.id = v.cid AND connections.lease_owner = v.owner \
-             RETURNING id"
-        }
-    });
+    let sql = latest_statement(backend, chunk.len(), with_health);
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for record in chunk {
         let report = &record.report;
@@ -458,6 +412,58 @@ async fn update_latest(
     }
     let rows = query.fetch_all(&mut **transaction).await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// The statement of `update_latest` for `rows` records.
+fn latest_statement(backend: Backend, rows: usize, with_health: bool) -> String {
+    // Column, SQL type. Explicit casts: PostgreSQL cannot type a VALUES column from a NULL.
+    const HEALTH: [(&str, &str); 2] = [("health", "TEXT"), ("health_since", "BIGINT")];
+    const LATEST: [(&str, &str); 11] = [
+        ("consecutive_failures", "BIGINT"),
+        ("consecutive_auth_failures", "BIGINT"),
+        ("first_failure_at", "BIGINT"),
+        ("next_due", "BIGINT"),
+        ("last_probe_at", "BIGINT"),
+        ("last_outcome", "TEXT"),
+        ("last_status", "BIGINT"),
+        ("last_latency_ms", "BIGINT"),
+        ("last_request_id", "TEXT"),
+        ("last_error_code", "TEXT"),
+        ("last_message", "TEXT"),
+    ];
+    let mut columns: Vec<(&str, &str)> = vec![("cid", "TEXT"), ("owner", "TEXT")];
+    if with_health {
+        columns.extend(HEALTH);
+    }
+    columns.extend(LATEST);
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let mut sql = format!("WITH v ({}) AS (VALUES ", names.join(", "));
+    let row: Vec<String> = columns
+        .iter()
+        .map(|(_, kind)| format!("CAST(? AS {kind})"))
+        .collect();
+    sql.push_str(&super::value_rows(
+        backend,
+        rows,
+        &format!("({})", row.join(", ")),
+    ));
+    sql.push_str(") UPDATE connections SET lease_owner = NULL, lease_until = 0");
+    for (name, _) in &columns[2..] {
+        sql.push_str(&format!(", {name} = v.{name}"));
+    }
+    // On SQLite the lease was checked in memory (`record_probes`); a connection removed
+    // by a reload while its probe was in flight is left alone (on PostgreSQL the sync
+    // cleared its lease owner). The `+` keeps SQLite from planning the update around an
+    // index on `active` (a scan of every connection per statement: 3,800 probes a second
+    // instead of 26,000).
+    sql.push_str(match backend {
+        Backend::Sqlite => " FROM v WHERE connections.id = v.cid AND +connections.active = 1",
+        Backend::Postgres => {
+            " FROM v WHERE connections.id = v.cid AND connections.lease_owner = v.owner \
+             RETURNING id"
+        }
+    });
+    sql
 }
 
 /// Appends probe history rows, one statement for the chunk.

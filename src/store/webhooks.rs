@@ -21,6 +21,18 @@ struct Activity {
     reconnected: bool,
 }
 
+/// A change a webhook delivered: connection, change id, its update time, seen at.
+type DeliveredChange = (String, String, Millis, Millis);
+
+/// What a batch of deliveries comes to: an answer each, activity per connection, the
+/// changes delivered.
+#[derive(Debug, Default)]
+struct Batch {
+    results: Vec<WebhookStored>,
+    activity: Vec<(ConnectionId, Activity)>,
+    changes: Vec<DeliveredChange>,
+}
+
 /// A verified webhook delivery, ready to store.
 #[derive(Debug, Clone)]
 pub struct WebhookDelivery {
@@ -64,8 +76,54 @@ impl Store {
         rules: &Rules,
     ) -> Result<Vec<WebhookStored>, StoreError> {
         let mut transaction = self.begin_write().await?;
-        // The connections the batch names, looked up together (a statement is a round
-        // trip to sqlx's SQLite worker: one per connection was most of a batch's cost).
+        let connections = self
+            .lookup_connections(&mut transaction, deliveries)
+            .await?;
+        let mut inserted = self
+            .insert_deliveries(&mut transaction, deliveries, &connections)
+            .await?;
+        let mut batch = Batch::default();
+        for delivery in deliveries {
+            let connection = connections
+                .get(&(delivery.platform.as_str(), delivery.remote_id.as_str()))
+                .and_then(Option::as_ref);
+            batch.add(delivery, connection, &mut inserted)?;
+        }
+        for chunk in super::chunks_of(&batch.changes, self.chunk_sizes()) {
+            self.insert_delivered_changes(&mut transaction, chunk)
+                .await?;
+        }
+        // In id order, like `record_probes`: no deadlock between the two on PostgreSQL.
+        batch
+            .activity
+            .sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        for chunk in super::chunks_of(&batch.activity, self.chunk_sizes()) {
+            touch_activity(&mut transaction, self.backend(), chunk).await?;
+        }
+        let activity = std::mem::take(&mut batch.activity);
+        for (id, seen) in &activity {
+            let row = connections
+                .values()
+                .flatten()
+                .find(|row| row.0 == id.as_str())
+                .expect("every active connection was looked up");
+            let entered = self
+                .apply_activity(&mut transaction, rules, id, row, seen)
+                .await?;
+            batch.note_entered(id, entered);
+        }
+        transaction.commit().await?;
+        Ok(batch.results)
+    }
+
+    /// The active connections a batch names, by (platform, remote id), looked up together
+    /// (a statement is a round trip to sqlx's SQLite worker: one per connection was most
+    /// of a batch's cost). Two connections with one remote id: the first by id.
+    async fn lookup_connections<'d>(
+        &self,
+        transaction: &mut Tx,
+        deliveries: &'d [WebhookDelivery],
+    ) -> Result<HashMap<(&'d str, &'d str), Option<ConnectionRow>>, StoreError> {
         let mut connections: HashMap<(&str, &str), Option<ConnectionRow>> = HashMap::new();
         for delivery in deliveries {
             connections.insert(
@@ -100,7 +158,6 @@ impl Store {
                 for (id, health, since, failures, quiet, first_failure_at, remote_id) in
                     query.bind(platform).fetch_all(&mut **transaction).await?
                 {
-                    // Two connections with one remote id: the first by id, as before.
                     let key = chunk
                         .iter()
                         .find(|(_, wanted)| *wanted == remote_id)
@@ -113,7 +170,17 @@ impl Store {
                 }
             }
         }
-        // Every delivery in multi-row inserts; the ids returned are the new ones.
+        Ok(connections)
+    }
+
+    /// Every delivery in multi-row inserts; returns the (platform, webhook id) pairs that
+    /// were new (the others are duplicates).
+    async fn insert_deliveries(
+        &self,
+        transaction: &mut Tx,
+        deliveries: &[WebhookDelivery],
+        connections: &HashMap<(&str, &str), Option<ConnectionRow>>,
+    ) -> Result<HashSet<(String, String)>, StoreError> {
         let mut inserted: HashSet<(String, String)> = HashSet::new();
         for chunk in super::chunks_of(deliveries, self.chunk_sizes()) {
             let mut sql = String::from(
@@ -142,95 +209,30 @@ impl Store {
             }
             inserted.extend(query.fetch_all(&mut **transaction).await?);
         }
-        let mut results = Vec::with_capacity(deliveries.len());
-        let mut activity: Vec<(ConnectionId, Activity)> = Vec::new();
-        let mut changes: Vec<(String, String, Millis, Millis)> = Vec::new();
-        for delivery in deliveries {
-            // The first delivery of an id in the batch is the new one; repeats are duplicates.
-            if !inserted.remove(&(delivery.platform.clone(), delivery.webhook_id.clone())) {
-                results.push(WebhookStored::Duplicate);
-                continue;
-            }
-            let row = connections
-                .get(&(delivery.platform.as_str(), delivery.remote_id.as_str()))
-                .and_then(Option::as_ref);
-            let Some(row) = row else {
-                results.push(WebhookStored::UnknownConnection);
-                continue;
-            };
-            let id = parse_id(&row.0)?;
-            if let Some(change_id) = &delivery.change_id {
-                changes.push((
-                    row.0.clone(),
-                    change_id.clone(),
-                    delivery.change_updated.unwrap_or(-1),
-                    delivery.received_at,
-                ));
-            }
-            let position = match activity.iter().position(|(known, _)| *known == id) {
-                Some(position) => position,
-                None => {
-                    activity.push((id.clone(), Activity::default()));
-                    activity.len() - 1
-                }
-            };
-            let entry = &mut activity[position].1;
-            entry.last = entry.last.max(delivery.received_at);
-            entry.newest_change = entry.newest_change.max(delivery.change_updated);
-            entry.reauth |= delivery.reauth;
-            entry.reconnected |= delivery.reconnected;
-            results.push(WebhookStored::Accepted {
-                connection: id,
-                transition: None,
-            });
+        Ok(inserted)
+    }
+
+    /// Records the changes webhooks delivered (so polling does not recover them again).
+    async fn insert_delivered_changes(
+        &self,
+        transaction: &mut Tx,
+        chunk: &[DeliveredChange],
+    ) -> Result<(), StoreError> {
+        let mut sql = String::from(
+            "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
+        );
+        sql.push_str(&self.value_rows(chunk.len(), "(?, ?, ?, 'webhook', ?)"));
+        sql.push_str(" ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (connection, change_id, updated_at, seen_at) in chunk {
+            query = query
+                .bind(connection.clone())
+                .bind(change_id.clone())
+                .bind(*updated_at)
+                .bind(*seen_at);
         }
-        for chunk in super::chunks_of(&changes, self.chunk_sizes()) {
-            let mut sql = String::from(
-                "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
-            );
-            sql.push_str(&self.value_rows(chunk.len(), "(?, ?, ?, 'webhook', ?)"));
-            sql.push_str(" ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (connection, change_id, updated_at, seen_at) in chunk {
-                query = query
-                    .bind(connection.clone())
-                    .bind(change_id.clone())
-                    .bind(*updated_at)
-                    .bind(*seen_at);
-            }
-            query.execute(&mut **transaction).await?;
-        }
-        // In id order, like `record_probes`: no deadlock between the two on PostgreSQL.
-        activity.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        for chunk in super::chunks_of(&activity, self.chunk_sizes()) {
-            touch_activity(&mut transaction, self.backend(), chunk).await?;
-        }
-        for (id, seen) in &activity {
-            let row = connections
-                .values()
-                .flatten()
-                .find(|row| row.0 == id.as_str())
-                .expect("every active connection was looked up");
-            let entered = self
-                .apply_activity(&mut transaction, rules, id, row, seen)
-                .await?;
-            if entered.is_some() {
-                for result in results.iter_mut() {
-                    if let WebhookStored::Accepted {
-                        connection,
-                        transition,
-                    } = result
-                        && connection == id
-                        && transition.is_none()
-                    {
-                        *transition = entered;
-                        break;
-                    }
-                }
-            }
-        }
-        transaction.commit().await?;
-        Ok(results)
+        query.execute(&mut **transaction).await?;
+        Ok(())
     }
 
     /// One connection's webhook events of a batch, after `touch_activity`, judged by the
@@ -351,4 +353,69 @@ async fn touch_activity(
     }
     query.execute(&mut **transaction).await?;
     Ok(())
+}
+
+impl Batch {
+    /// Adds one delivery: the first of its id is new (repeats are duplicates), one for no
+    /// active connection is stored all the same, the rest count as their connection's activity.
+    fn add(
+        &mut self,
+        delivery: &WebhookDelivery,
+        connection: Option<&ConnectionRow>,
+        inserted: &mut HashSet<(String, String)>,
+    ) -> Result<(), StoreError> {
+        if !inserted.remove(&(delivery.platform.clone(), delivery.webhook_id.clone())) {
+            self.results.push(WebhookStored::Duplicate);
+            return Ok(());
+        }
+        let Some(row) = connection else {
+            self.results.push(WebhookStored::UnknownConnection);
+            return Ok(());
+        };
+        let id = parse_id(&row.0)?;
+        if let Some(change_id) = &delivery.change_id {
+            self.changes.push((
+                row.0.clone(),
+                change_id.clone(),
+                delivery.change_updated.unwrap_or(-1),
+                delivery.received_at,
+            ));
+        }
+        let position = match self.activity.iter().position(|(known, _)| *known == id) {
+            Some(position) => position,
+            None => {
+                self.activity.push((id.clone(), Activity::default()));
+                self.activity.len() - 1
+            }
+        };
+        let entry = &mut self.activity[position].1;
+        entry.last = entry.last.max(delivery.received_at);
+        entry.newest_change = entry.newest_change.max(delivery.change_updated);
+        entry.reauth |= delivery.reauth;
+        entry.reconnected |= delivery.reconnected;
+        self.results.push(WebhookStored::Accepted {
+            connection: id,
+            transition: None,
+        });
+        Ok(())
+    }
+
+    /// The first accepted delivery of `id` reports the health it entered.
+    fn note_entered(&mut self, id: &ConnectionId, entered: Option<Health>) {
+        if entered.is_none() {
+            return;
+        }
+        for result in self.results.iter_mut() {
+            if let WebhookStored::Accepted {
+                connection,
+                transition,
+            } = result
+                && connection == id
+                && transition.is_none()
+            {
+                *transition = entered;
+                return;
+            }
+        }
+    }
 }
