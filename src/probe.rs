@@ -129,7 +129,7 @@ impl Prober {
                 .await
             }
         };
-        match sent {
+        let mut report = match sent {
             Ok(answer) => read_answer(
                 config,
                 answer.status,
@@ -138,7 +138,11 @@ impl Prober {
                 answer.latency_ms,
             ),
             Err(report) => report,
-        }
+        };
+        // Platforms echo tokens (in messages, codes, request ids): nothing a platform said
+        // goes further with the token in it.
+        report.redact(&[token.expose_secret()]);
+        report
     }
 
     /// One authenticated request to a platform (probe or poll), under its concurrency cap.

@@ -1,8 +1,10 @@
 //! Every judgement of connwatch, pure: (state, event, policy, now) -> decisions. Health
-//! (`health`), incidents and the emails they send (`email`), platform storms (`storm`).
+//! (`health`), incidents and the emails they send (`email`), platform storms (`storm`),
+//! which change times may move a watermark (`changes`).
 //! No I/O: the store persists what is decided here, in one transaction, and decides
 //! nothing itself. The table tests in `tests.rs` are the readable specification.
 
+pub mod changes;
 pub mod email;
 pub mod health;
 pub mod storm;

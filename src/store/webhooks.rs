@@ -7,6 +7,7 @@ use super::incidents::record_verdict;
 use super::probes::{parse_health, parse_id};
 use super::{Store, StoreError, Tx};
 use crate::domain::{ConnectionId, Health, Millis};
+use crate::rules::changes::watermark_candidate;
 use crate::rules::{ConnectionState, Event, Rules};
 
 /// id, health, health_since, consecutive_failures, quiet, first_failure_at.
@@ -390,7 +391,10 @@ impl Batch {
         };
         let entry = &mut self.activity[position].1;
         entry.last = entry.last.max(delivery.received_at);
-        entry.newest_change = entry.newest_change.max(delivery.change_updated);
+        let credible = delivery
+            .change_updated
+            .map(|updated| watermark_candidate(updated, delivery.received_at));
+        entry.newest_change = entry.newest_change.max(credible);
         entry.reauth |= delivery.reauth;
         entry.reconnected |= delivery.reconnected;
         self.results.push(WebhookStored::Accepted {
