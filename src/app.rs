@@ -217,6 +217,8 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         scheduler: scheduler.clone(),
         metrics: metrics.clone(),
         admin_token,
+        allowed_hosts: crate::server::default_allowed_hosts(admin_addr).map(Arc::new),
+        forced: Arc::default(),
     });
     let mut background = Vec::new();
     background.push(tokio::spawn(leadership.clone().run(

@@ -237,6 +237,28 @@ pub fn pause_changed(previous: &ConnectionState, paused: bool, now: Millis) -> V
     Verdict::with_transition(state, Some(transition), Some(now))
 }
 
+/// How long a probe asked for by a person must wait: a connection in `needs_reauth` is
+/// probed no sooner than `reauth_backoff` after its last probe (repeated logins with dead
+/// credentials can lock the customer's account in their own system). `None`: now.
+pub fn manual_probe_wait(
+    health: Health,
+    last_probe_at: Option<Millis>,
+    policy: &Policy,
+    now: Millis,
+) -> Option<Millis> {
+    match health {
+        Health::NeedsReauth => {
+            let next = last_probe_at?.saturating_add(policy.reauth_backoff);
+            (next > now).then(|| next - now)
+        }
+        Health::Unknown
+        | Health::Healthy
+        | Health::Degraded
+        | Health::Unreachable
+        | Health::Paused => None,
+    }
+}
+
 fn kind_of(outcome: Outcome) -> Kind {
     match outcome {
         Outcome::Ok => Kind::Success,
@@ -456,6 +478,16 @@ mod tests {
         let again = reauth_by_webhook(&state(Health::NeedsReauth, 2, 2), NOW);
         assert!(again.transition.is_none());
         assert_eq!(again.next_due, Some(NOW));
+    }
+
+    #[test]
+    fn manual_probes_of_a_broken_connection_wait_for_the_circuit_breaker() {
+        let wait = |health, last| manual_probe_wait(health, last, &POLICY, NOW);
+        assert_eq!(wait(Health::NeedsReauth, Some(NOW - 1_000)), Some(899_000));
+        assert_eq!(wait(Health::NeedsReauth, Some(NOW - 900_000)), None);
+        assert_eq!(wait(Health::NeedsReauth, None), None);
+        assert_eq!(wait(Health::Healthy, Some(NOW - 1_000)), None);
+        assert_eq!(wait(Health::Degraded, Some(NOW)), None);
     }
 
     #[test]
