@@ -1,27 +1,13 @@
 //! Email templates: built-in defaults (the files in `templates/`), overridable per file
 //! from `[email] templates = "DIR"`. `{{name}}` placeholders; values are HTML-escaped in
-//! `.html` parts. Checked at start-up: an unknown file or placeholder is a config error.
+//! `.html` parts. The files are read and checked by `config::templates` (an unknown file
+//! or placeholder is a config error); rendering is here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::config::templates::read_files;
 pub use crate::domain::{Audience, EmailKind};
-
-/// Placeholders any template may use.
-const SHARED: &[&str] = &[
-    "connection_name",
-    "connection_id",
-    "platform",
-    "reconnect_url",
-    "since",
-    "error_code",
-    "request_id",
-    "incident_id",
-    "reminder_number",
-    "resolved_at",
-];
-/// Placeholders only staff templates may use (internal details).
-const STAFF_ONLY: &[&str] = &["last_message", "remote_id", "title", "connections", "count"];
 
 /// Every (kind, audience) that has templates.
 pub const TEMPLATES: &[(EmailKind, Audience)] = &[
@@ -36,39 +22,6 @@ pub const TEMPLATES: &[(EmailKind, Audience)] = &[
 ];
 
 const PARTS: [&str; 3] = ["subject", "txt", "html"];
-
-macro_rules! builtin {
-    ($($name:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../../templates/", $name)))),*]
-    };
-}
-
-const BUILTIN: &[(&str, &str)] = builtin!(
-    "reauth_required.customer.subject",
-    "reauth_required.customer.txt",
-    "reauth_required.customer.html",
-    "reauth_required.staff.subject",
-    "reauth_required.staff.txt",
-    "reauth_required.staff.html",
-    "reminder.customer.subject",
-    "reminder.customer.txt",
-    "reminder.customer.html",
-    "reminder.staff.subject",
-    "reminder.staff.txt",
-    "reminder.staff.html",
-    "resolved.customer.subject",
-    "resolved.customer.txt",
-    "resolved.customer.html",
-    "resolved.staff.subject",
-    "resolved.staff.txt",
-    "resolved.staff.html",
-    "unreachable.staff.subject",
-    "unreachable.staff.txt",
-    "unreachable.staff.html",
-    "staff_digest.staff.subject",
-    "staff_digest.staff.txt",
-    "staff_digest.staff.html",
-);
 
 /// A rendered email.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,54 +40,7 @@ pub struct Templates {
 impl Templates {
     /// The built-in templates with the overrides in `folder` (if any), checked.
     pub fn load(folder: Option<&Path>) -> Result<Templates, String> {
-        let mut files: BTreeMap<String, String> = BUILTIN
-            .iter()
-            .map(|(name, text)| ((*name).to_owned(), (*text).to_owned()))
-            .collect();
-        if let Some(folder) = folder {
-            let entries = std::fs::read_dir(folder).map_err(|error| {
-                format!("cannot read template folder {}: {error}", folder.display())
-            })?;
-            for entry in entries {
-                let entry = entry.map_err(|error| error.to_string())?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
-                    continue;
-                }
-                if !files.contains_key(&name) {
-                    return Err(format!(
-                        "{name}: not a template name; expected KIND.AUDIENCE.{{subject,txt,html}} such as reauth_required.customer.txt"
-                    ));
-                }
-                let text = std::fs::read_to_string(entry.path())
-                    .map_err(|error| format!("{name}: cannot read: {error}"))?;
-                files.insert(name, text);
-            }
-        }
-        for (name, text) in &files {
-            let staff = name.contains(".staff.");
-            for placeholder in placeholders(text).map_err(|message| format!("{name}: {message}"))? {
-                if STAFF_ONLY.contains(&placeholder.as_str()) && !staff {
-                    return Err(format!(
-                        "{name}: {{{{{placeholder}}}}} is for staff emails only (customer emails never carry internal details)"
-                    ));
-                }
-                if !SHARED.contains(&placeholder.as_str())
-                    && !STAFF_ONLY.contains(&placeholder.as_str())
-                {
-                    return Err(format!(
-                        "{name}: unknown placeholder {{{{{placeholder}}}}}; known: {}",
-                        SHARED
-                            .iter()
-                            .chain(STAFF_ONLY)
-                            .copied()
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                }
-            }
-        }
-        Ok(Templates { files })
+        read_files(folder).map(|files| Templates { files })
     }
 
     /// Renders one email; missing values render as `-`.
@@ -160,18 +66,6 @@ impl Templates {
             html: substitute(html?, values, true),
         })
     }
-}
-
-fn placeholders(text: &str) -> Result<Vec<String>, String> {
-    let mut found = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("{{") {
-        let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or("an unclosed {{")?;
-        found.push(after[..end].trim().to_owned());
-        rest = &after[end + 2..];
-    }
-    Ok(found)
 }
 
 fn substitute(template: &str, values: &BTreeMap<&str, String>, html: bool) -> String {

@@ -3,9 +3,15 @@
 //! Parsing happens in two steps so that `check-config` can list every problem at once:
 //! each section (and each connection) is deserialized on its own with unknown keys
 //! collected rather than fatal, then the values are validated into typed fields.
+//!
+//! `parse.rs` turns the text into tables (`toml_lines.rs` knows where things are in the
+//! text), `raw.rs` is the file as written, `validate/` checks it a section per file.
 
+mod parse;
 mod raw;
 pub mod secret;
+pub(crate) mod templates;
+mod toml_lines;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -287,7 +293,7 @@ impl Config {
 
     /// Validates config text; on failure returns every problem found.
     pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
-        validate::parse(text)
+        parse::parse(text)
     }
 
     /// The resolved path: `--config`, else `$CONNWATCH_CONFIG`, else the default.
@@ -304,3 +310,11 @@ impl Config {
             .map(|connection| connection.as_ref())
     }
 }
+
+/// The smallest valid config: one platform, no connections.
+#[cfg(test)]
+const PLATFORM: &str = r#"
+[platforms.makini]
+base_url = "http://127.0.0.1:1"
+probe = { path = "/v1/connection" }
+"#;

@@ -81,6 +81,28 @@ impl EmailAddress {
     }
 }
 
+/// Decodes a Standard Webhooks secret: `whsec_` + base64 of 24 to 64 bytes.
+///
+/// Here rather than in `webhook/` because the config check, webhook verification and
+/// the relay's signing all read it.
+pub fn decode_standard_secret(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    let encoded = secret
+        .strip_prefix("whsec_")
+        .ok_or("a Standard Webhooks secret starts with whsec_")?;
+    let key = STANDARD
+        .decode(encoded)
+        .map_err(|_| "the part after whsec_ is not base64".to_owned())?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(format!(
+            "the secret decodes to {} bytes; 24 to 64 are required",
+            key.len()
+        ));
+    }
+    Ok(key)
+}
+
 /// What replaces a secret found in text from a platform.
 pub const REDACTED: &str = "[redacted]";
 
@@ -164,6 +186,20 @@ mod tests {
             report.message.as_deref(),
             Some("bad token [redacted], try [redacted]")
         );
+    }
+
+    #[test]
+    fn short_long_and_malformed_secrets_are_refused() {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD;
+        assert!(decode_standard_secret("whsec_").is_err(), "empty");
+        assert!(decode_standard_secret("whsec_c2hvcnQ=").is_err(), "5 bytes");
+        assert!(decode_standard_secret(&format!("whsec_{}", STANDARD.encode([7u8; 65]))).is_err());
+        assert!(
+            decode_standard_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err(),
+            "no prefix"
+        );
+        assert!(decode_standard_secret("whsec_!!!").is_err(), "not base64");
     }
 
     #[test]

@@ -1,0 +1,56 @@
+//! `[server]`: the admin and webhook listeners.
+
+use std::net::SocketAddr;
+
+use crate::config::ServerConfig;
+use crate::config::raw::RawServer;
+use crate::config::toml_lines::key;
+
+use super::Checker;
+
+/// Validates `[server]`; every value is checked even after a problem.
+pub(super) fn validate(checker: &mut Checker, raw: RawServer) -> ServerConfig {
+    let admin_text = raw.admin.unwrap_or_else(|| "127.0.0.1:9464".to_owned());
+    let admin = match admin_text.parse::<SocketAddr>() {
+        Ok(address) => address,
+        Err(_) => {
+            checker.problem(
+                &[key("server"), key("admin")],
+                format!("{admin_text:?} is not an address like \"127.0.0.1:9464\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        }
+    };
+    match &raw.admin_token {
+        Some(token) => checker.secret_readable(&[key("server"), key("admin_token")], token),
+        None if !admin.ip().is_loopback() => checker.problem(
+            &[key("server"), key("admin_token")],
+            "required when the admin listener is not bound to loopback",
+        ),
+        None => {}
+    }
+    let webhooks = raw
+        .webhooks
+        .and_then(|text| match text.parse::<SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                checker.problem(
+                    &[key("server"), key("webhooks")],
+                    format!("{text:?} is not an address like \"0.0.0.0:8080\""),
+                );
+                None
+            }
+        });
+    let webhook_max_bytes = checker.positive(
+        &[key("server"), key("webhook_max_bytes")],
+        raw.webhook_max_bytes,
+        256 * 1024,
+    ) as usize;
+    ServerConfig {
+        admin,
+        admin_token: raw.admin_token,
+        webhooks,
+        webhook_max_bytes,
+        per_connection_metrics: raw.per_connection_metrics,
+    }
+}
