@@ -4,6 +4,7 @@
 //! times as i64 milliseconds); where they differ (row locks, write transactions) the
 //! difference stays in this module. Migrations live in `migrations/{sqlite,postgres}`.
 
+mod maintenance;
 mod outbox;
 mod probes;
 mod read;
@@ -17,6 +18,7 @@ use sqlx::{AnyPool, Executor, Transaction};
 
 use crate::domain::Millis;
 
+pub use maintenance::checkpoint_wal;
 pub use outbox::{EmailJob, MailPolicy, StormChange};
 pub use probes::{Claimed, ProbeRecord, SyncConnection};
 pub use read::{ConnectionDetail, ConnectionSummary, IncidentRow, ProbeRow, TransitionRow};
