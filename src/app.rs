@@ -1,8 +1,8 @@
 //! Assembles the daemon: store, scheduler, listeners, background jobs; runs until cancelled.
+//! Each piece's loop lives with the piece; this module only builds, starts, reloads and
+//! stops them.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use crate::alert::dispatch::Dispatcher;
 use crate::alert::templates::Templates;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::config::secret::FileStamp;
-use crate::domain::ConnectionId;
+use crate::events::Event;
+use crate::gauges::refresh_health_gauges;
 use crate::jobs::CronJobs;
 use crate::leader::Leadership;
 use crate::listen::Limits;
@@ -26,19 +26,16 @@ use crate::metrics::Metrics;
 use crate::poll::Poller;
 use crate::probe::Prober;
 use crate::relay::Relay;
+use crate::reload;
 use crate::rules::{Rules, SharedRules};
-use crate::schedule::{Event, Roster, Scheduler};
+use crate::schedule::{Roster, Scheduler, SchedulerParts, watch_token_files};
 use crate::server::{AdminState, admin_router};
-use crate::store::{Store, SyncConnection};
+use crate::store::{Store, SyncConnection, checkpoint_wal};
 use crate::webhook::{self, WebhookState};
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::reload::ReloadSummary;
 
-/// How often the fleet-wide gauges are recounted (a count over every connection; scrapes
-/// are typically 15–60 s apart).
-const GAUGE_REFRESH: Duration = Duration::from_secs(5);
-/// How often the SQLite WAL is copied into the database (`Store::checkpoint`).
-const WAL_CHECKPOINT: Duration = Duration::from_millis(500);
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Hooks for the service manager (systemd notify); no-ops by default.
 #[derive(Clone, Default)]
@@ -174,16 +171,16 @@ pub fn build_scheduler(
     for platform in config.platforms.keys() {
         metrics.declare_platform(platform);
     }
-    Ok(Scheduler::new(
+    Ok(Scheduler::new(SchedulerParts {
         store,
         prober,
         metrics,
-        Roster::new(&config.connections),
-        config.probe.clone(),
+        roster: Roster::new(&config.connections),
+        settings: config.probe.clone(),
         events,
         clock,
-        SharedRules::new(Rules::from_config(config)),
-    ))
+        rules: SharedRules::new(Rules::from_config(config)),
+    }))
 }
 
 /// Starts everything; returns once the admin listener is bound and probing has begun.
@@ -200,150 +197,42 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         hooks.clock.clone(),
     )?;
     sync_connections(&store, &scheduler, &config).await?;
-
-    let admin_token = match &config.server.admin_token {
-        Some(reference) => Some(Arc::new(
-            reference.read().context("cannot read server.admin_token")?,
-        )),
-        None => None,
-    };
-    let listener = tokio::net::TcpListener::bind(config.server.admin)
-        .await
-        .with_context(|| format!("cannot listen on server.admin {}", config.server.admin))?;
-    let admin_addr = listener.local_addr()?;
-    let cancel = CancellationToken::new();
-    let leadership = Leadership::default();
-    let router = admin_router(AdminState {
-        store: store.clone(),
-        scheduler: scheduler.clone(),
-        metrics: metrics.clone(),
-        admin_token,
-        allowed_hosts: crate::server::default_allowed_hosts(admin_addr).map(Arc::new),
-        forced: Arc::default(),
-    });
-    let mut background = Vec::new();
-    background.push(tokio::spawn(leadership.clone().run(
-        store.clone(),
-        metrics.clone(),
-        cancel.clone(),
-    )));
-    background.push(tokio::spawn(crate::listen::serve(
-        listener,
-        router,
-        Limits::ADMIN,
-        cancel.clone(),
-        "admin",
-    )));
-    let mut webhook_addr = None;
-    let mut webhook_state = None;
-    if let Some(address) = config.server.webhooks {
-        let state = WebhookState::new(
-            &config.platforms,
-            store.clone(),
-            metrics.clone(),
-            events.clone(),
-            hooks.clock.clone(),
-            scheduler.rules().clone(),
-        )
-        .context("cannot load the webhook secrets")?;
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen on server.webhooks {address}"))?;
-        let bound = listener.local_addr()?;
-        tracing::info!(webhook_addr = %bound, "webhook listener bound");
-        webhook_addr = Some(bound);
-        webhook_state = Some(state.clone());
-        let router = webhook::router(state, config.server.webhook_max_bytes);
-        background.push(tokio::spawn(crate::listen::serve(
-            listener,
-            router,
-            Limits::WEBHOOKS,
-            cancel.clone(),
-            "webhooks",
-        )));
-    }
-    let probes = TaskTracker::new();
-    if config
-        .platforms
-        .values()
-        .any(|platform| platform.webhooks.is_some())
-    {
-        let poller = Poller {
-            store: store.clone(),
-            scheduler: scheduler.clone(),
-            metrics: metrics.clone(),
-            settings: config.webhooks.clone(),
-            relay_enabled: config.relay.is_some(),
-            events: events.clone(),
-        };
-        background.push(tokio::spawn(poller.run(cancel.clone(), probes.clone())));
-    }
-    if let Some(relay) = &config.relay {
-        let relay = Relay::new(
-            store.clone(),
-            metrics.clone(),
-            relay.clone(),
-            scheduler.owner().to_owned(),
-            hooks.clock.clone(),
-        )
-        .context("cannot set up the relay ([relay])")?;
-        background.push(tokio::spawn(relay.run(cancel.clone())));
-    }
-    if let (Some((mailer, templates)), Some(settings)) = (email, &config.email) {
-        let dispatcher = Dispatcher {
-            store: store.clone(),
-            mailer,
-            templates,
-            settings: settings.clone(),
-            metrics: metrics.clone(),
-            owner: scheduler.owner().to_owned(),
-            leadership: leadership.clone(),
-            clock: hooks.clock.clone(),
-            rules: scheduler.rules().clone(),
-        };
-        background.push(tokio::spawn(dispatcher.run(cancel.clone())));
-    }
-    background.push(tokio::spawn(checkpoint_wal(store.clone(), cancel.clone())));
-    background.push(tokio::spawn(refresh_health_gauges(
-        store.clone(),
-        metrics.clone(),
-        config.server.per_connection_metrics,
-        leadership.clone(),
-        cancel.clone(),
-    )));
-    background.push(tokio::spawn(watch_token_files(
-        scheduler.clone(),
-        store.clone(),
-        config.probe.token_check_interval,
-        cancel.clone(),
-    )));
-    let on_tick = hooks.on_tick.unwrap_or_else(|| Arc::new(|| {}));
-    let scheduler_loop = tokio::spawn(scheduler.clone().run(
-        cancel.clone(),
-        probes.clone(),
-        on_tick,
-    ));
-    let cron = CronJobs::start(
-        &config,
-        store.clone(),
-        metrics.clone(),
-        leadership.clone(),
-        hooks.clock.clone(),
-        scheduler.rules().clone(),
-    )
-    .await
-    .context("cannot start the pruning job (store.prune_schedule)")?;
-    tracing::info!(%admin_addr, connections = config.connections.len(), "connwatch running");
-    Ok(Running {
-        admin_addr,
-        webhook_addr,
+    let (admin, admin_token) = bind_admin(&config).await?;
+    let admin_addr = admin.local_addr()?;
+    let mut parts = Parts {
         store,
         scheduler,
         metrics,
         events,
-        cancel,
-        probes,
-        background,
+        clock: hooks.clock.clone(),
+        cancel: CancellationToken::new(),
+        leadership: Leadership::default(),
+        probes: TaskTracker::new(),
+        background: Vec::new(),
+    };
+    parts.start_leadership();
+    parts.serve_admin(admin, admin_token);
+    let (webhook_addr, webhook_state) = parts.serve_webhooks(&config).await?;
+    parts.start_workers(&config, email)?;
+    parts.start_upkeep(&config);
+    let on_tick = hooks.on_tick.unwrap_or_else(|| Arc::new(|| {}));
+    let scheduler_loop = tokio::spawn(parts.scheduler.clone().run(
+        parts.cancel.clone(),
+        parts.probes.clone(),
+        on_tick,
+    ));
+    let cron = parts.start_cron(&config).await?;
+    tracing::info!(%admin_addr, connections = config.connections.len(), "connwatch running");
+    Ok(Running {
+        admin_addr,
+        webhook_addr,
+        store: parts.store,
+        scheduler: parts.scheduler,
+        metrics: parts.metrics,
+        events: parts.events,
+        cancel: parts.cancel,
+        probes: parts.probes,
+        background: parts.background,
         scheduler_loop,
         cron,
         drain_deadline: config.probe.timeout + Duration::from_secs(5),
@@ -354,16 +243,6 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             ..config
         },
     })
-}
-
-/// What a reload changed, for the log.
-#[derive(Debug, Default)]
-pub struct ReloadSummary {
-    pub added: usize,
-    pub removed: usize,
-    pub changed: usize,
-    /// Keys whose new values wait for a restart.
-    pub needs_restart: Vec<&'static str>,
 }
 
 impl Running {
@@ -379,19 +258,7 @@ impl Running {
                 .context("cannot load the webhook secrets")?;
         }
         let old = self.scheduler.roster();
-        let mut summary = ReloadSummary::default();
-        for connection in &config.connections {
-            match old.connections.get(&connection.id) {
-                None => summary.added += 1,
-                Some(previous) if previous != connection => summary.changed += 1,
-                Some(_) => {}
-            }
-        }
-        summary.removed = old
-            .connections
-            .keys()
-            .filter(|id| config.connection(id.as_str()).is_none())
-            .count();
+        let summary = reload::summarize(&old, &self.config, &config);
         for platform in config.platforms.keys() {
             self.metrics.declare_platform(platform);
         }
@@ -400,48 +267,9 @@ impl Running {
         self.scheduler.rules().replace(Rules::from_config(&config));
         sync_connections(&self.store, &self.scheduler, &config).await?;
         let now = self.scheduler.clock().now();
-        for connection in &config.connections {
-            if let Some(previous) = old.connections.get(&connection.id)
-                && previous.token != connection.token
-            {
-                self.store.request_probe(&connection.id, now).await?;
-            }
+        for id in reload::rotated_tokens(&old, &config) {
+            self.store.request_probe(id, now).await?;
         }
-        let old_config = &self.config;
-        let checks: [(&'static str, bool); 9] = [
-            (
-                "server.admin_token",
-                old_config.server.admin_token != config.server.admin_token,
-            ),
-            ("relay", relay_changed(old_config, &config)),
-            (
-                "webhooks (quiet and polling settings)",
-                webhooks_changed(old_config, &config),
-            ),
-            ("store", old_config.store.url != config.store.url),
-            (
-                "server.admin",
-                old_config.server.admin != config.server.admin,
-            ),
-            (
-                "server.webhooks",
-                old_config.server.webhooks != config.server.webhooks,
-            ),
-            ("log", old_config.log.format != config.log.format),
-            (
-                "probe.concurrency",
-                old_config.probe.concurrency != config.probe.concurrency,
-            ),
-            (
-                "email (SMTP settings and templates)",
-                email_transport_changed(old_config, &config),
-            ),
-        ];
-        summary.needs_restart = checks
-            .into_iter()
-            .filter(|(_, changed)| *changed)
-            .map(|(key, _)| key)
-            .collect();
         self.config = Config {
             connections: Vec::new(),
             ..config
@@ -481,191 +309,194 @@ impl Running {
     }
 }
 
-/// Keeps `connwatch_connections{health}` (and, when enabled, the per-connection
-/// `connwatch_connection_health{connection,health}`) current from the store.
-async fn refresh_health_gauges(
+/// The shared handles while the daemon is being started; background tasks are kept in
+/// the order they started (shutdown waits for them in that order).
+struct Parts {
     store: Store,
-    metrics: Metrics,
-    per_connection: bool,
-    leadership: Leadership,
-    cancel: CancellationToken,
-) {
-    loop {
-        // Fleet-wide gauges come from the leader only; the others show 0, so `max`
-        // across replicas is the fleet's value.
-        if !leadership.is_leader() {
-            for health in crate::domain::Health::ALL {
-                metrics
-                    .connections
-                    .with_label_values(&[health.as_str()])
-                    .set(0);
-            }
-            metrics.connections_quiet.set(0);
-            metrics.relay_outbox_pending.set(0);
-            metrics.relay_outbox_dead.set(0);
-            metrics.email_outbox_pending.set(0);
-            metrics.email_outbox_oldest_age.set(0.0);
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(GAUGE_REFRESH) => {}
-            }
-            continue;
-        }
-        if per_connection {
-            match store.list_connections().await {
-                Ok(connections) => {
-                    metrics.connection_health.reset();
-                    for connection in connections {
-                        metrics
-                            .connection_health
-                            .with_label_values(&[
-                                connection.id.as_str(),
-                                connection.health.as_str(),
-                            ])
-                            .set(1);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot list connections for per-connection metrics")
-                }
-            }
-        }
-        match store.health_counts().await {
-            Ok(counts) => {
-                for (health, count) in counts {
-                    metrics
-                        .connections
-                        .with_label_values(&[health.as_str()])
-                        .set(count);
-                }
-            }
-            Err(error) => {
-                metrics
-                    .store_errors
-                    .with_label_values(&["health_counts"])
-                    .inc();
-                tracing::warn!(%error, "cannot count connections per health");
-            }
-        }
-        match (store.quiet_count().await, store.relay_counts().await) {
-            (Ok(quiet), Ok((pending, dead))) => {
-                metrics.connections_quiet.set(quiet);
-                metrics.relay_outbox_pending.set(pending);
-                metrics.relay_outbox_dead.set(dead);
-            }
-            (Err(error), _) | (_, Err(error)) => {
-                metrics.store_errors.with_label_values(&["gauges"]).inc();
-                tracing::warn!(%error, "cannot count quiet connections and relay messages");
-            }
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(GAUGE_REFRESH) => {}
-        }
-    }
-}
-
-/// Checkpoints the SQLite WAL every `WAL_CHECKPOINT` beside the writers (no-op on
-/// PostgreSQL); a last one on shutdown.
-async fn checkpoint_wal(store: Store, cancel: CancellationToken) {
-    loop {
-        let stopping = tokio::select! {
-            () = cancel.cancelled() => true,
-            () = tokio::time::sleep(WAL_CHECKPOINT) => false,
-        };
-        if let Err(error) = store.checkpoint().await {
-            tracing::warn!(%error, "cannot checkpoint the database");
-        }
-        if stopping {
-            return;
-        }
-    }
-}
-
-/// Re-stats token files; a changed file (rotated token) gets an immediate probe.
-async fn watch_token_files(
     scheduler: Scheduler,
-    store: Store,
-    every: Duration,
+    metrics: Metrics,
+    events: broadcast::Sender<Event>,
+    clock: Clock,
     cancel: CancellationToken,
-) {
-    // One stat per distinct file, however many connections share it.
-    let mut known: HashMap<PathBuf, Option<FileStamp>> = HashMap::new();
-    let mut first_pass = true;
-    loop {
-        let roster = scheduler.roster();
-        let mut by_file: HashMap<PathBuf, Vec<&ConnectionId>> = HashMap::new();
-        for (id, connection) in &roster.connections {
-            if let Some(path) = connection.token.path() {
-                by_file.entry(path).or_default().push(id);
-            }
+    leadership: Leadership,
+    /// Probes and polls run here; shutdown drains it.
+    probes: TaskTracker,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Parts {
+    /// The leader election (PostgreSQL advisory lock; on SQLite this process leads).
+    fn start_leadership(&mut self) {
+        let leadership = self.leadership.clone();
+        self.background.push(tokio::spawn(leadership.run(
+            self.store.clone(),
+            self.metrics.clone(),
+            self.cancel.clone(),
+        )));
+    }
+
+    /// The admin router on its bound listener, until cancelled.
+    fn serve_admin(
+        &mut self,
+        listener: tokio::net::TcpListener,
+        admin_token: Option<Arc<secrecy::SecretString>>,
+    ) {
+        let allowed_hosts = listener
+            .local_addr()
+            .ok()
+            .and_then(crate::server::default_allowed_hosts)
+            .map(Arc::new);
+        let router = admin_router(AdminState {
+            store: self.store.clone(),
+            scheduler: self.scheduler.clone(),
+            metrics: self.metrics.clone(),
+            admin_token,
+            allowed_hosts,
+            forced: Arc::default(),
+        });
+        self.background.push(tokio::spawn(crate::listen::serve(
+            listener,
+            router,
+            Limits::ADMIN,
+            self.cancel.clone(),
+            "admin",
+        )));
+    }
+
+    /// The webhook listener, when `[server] webhooks` is set: its address and state.
+    async fn serve_webhooks(
+        &mut self,
+        config: &Config,
+    ) -> anyhow::Result<(Option<SocketAddr>, Option<WebhookState>)> {
+        let Some(address) = config.server.webhooks else {
+            return Ok((None, None));
+        };
+        let state = WebhookState::new(
+            &config.platforms,
+            self.store.clone(),
+            self.metrics.clone(),
+            self.events.clone(),
+            self.clock.clone(),
+            self.scheduler.rules().clone(),
+        )
+        .context("cannot load the webhook secrets")?;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on server.webhooks {address}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(webhook_addr = %bound, "webhook listener bound");
+        let router = webhook::router(state.clone(), config.server.webhook_max_bytes);
+        self.background.push(tokio::spawn(crate::listen::serve(
+            listener,
+            router,
+            Limits::WEBHOOKS,
+            self.cancel.clone(),
+            "webhooks",
+        )));
+        Ok((Some(bound), Some(state)))
+    }
+
+    /// The leased workers besides the scheduler: the poller (when a platform sends
+    /// webhooks), the relay (`[relay]`) and the email dispatcher (`[email]`).
+    fn start_workers(
+        &mut self,
+        config: &Config,
+        email: Option<(Mailer, Templates)>,
+    ) -> anyhow::Result<()> {
+        if config
+            .platforms
+            .values()
+            .any(|platform| platform.webhooks.is_some())
+        {
+            let poller = Poller {
+                store: self.store.clone(),
+                scheduler: self.scheduler.clone(),
+                metrics: self.metrics.clone(),
+                settings: config.webhooks.clone(),
+                relay_enabled: config.relay.is_some(),
+                events: self.events.clone(),
+            };
+            let run = poller.run(self.cancel.clone(), self.probes.clone());
+            self.background.push(tokio::spawn(run));
         }
-        for (path, ids) in &by_file {
-            let stamp = FileStamp::of(path);
-            let previous = known.insert(path.clone(), stamp);
-            if !matches!(previous, Some(old) if old != stamp) {
-                continue;
-            }
-            scheduler.tokens().forget();
-            for id in ids {
-                tracing::info!(connection_id = %id, "token file changed; probing now");
-                if let Err(error) = store.request_probe(id, scheduler.clock().now()).await {
-                    tracing::warn!(connection_id = %id, %error, "cannot schedule the probe");
-                }
-            }
+        if let Some(relay) = &config.relay {
+            let relay = Relay::new(
+                self.store.clone(),
+                self.metrics.clone(),
+                relay.clone(),
+                self.scheduler.owner().to_owned(),
+                self.clock.clone(),
+            )
+            .context("cannot set up the relay ([relay])")?;
+            self.background
+                .push(tokio::spawn(relay.run(self.cancel.clone())));
         }
-        known.retain(|path, _| by_file.contains_key(path));
-        if first_pass {
-            // A token cached before its file's first stamp was taken may be older than it.
-            scheduler.tokens().forget();
-            first_pass = false;
+        if let (Some((mailer, templates)), Some(settings)) = (email, &config.email) {
+            let dispatcher = Dispatcher {
+                store: self.store.clone(),
+                mailer,
+                templates,
+                settings: settings.clone(),
+                metrics: self.metrics.clone(),
+                owner: self.scheduler.owner().to_owned(),
+                leadership: self.leadership.clone(),
+                clock: self.clock.clone(),
+                rules: self.scheduler.rules().clone(),
+            };
+            self.background
+                .push(tokio::spawn(dispatcher.run(self.cancel.clone())));
         }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
+        Ok(())
+    }
+
+    /// Upkeep: the WAL checkpoint, the fleet-wide gauges, the token file watcher.
+    fn start_upkeep(&mut self, config: &Config) {
+        let checkpoint = checkpoint_wal(self.store.clone(), self.cancel.clone());
+        self.background.push(tokio::spawn(checkpoint));
+        let gauges = refresh_health_gauges(
+            self.store.clone(),
+            self.metrics.clone(),
+            config.server.per_connection_metrics,
+            self.leadership.clone(),
+            self.cancel.clone(),
+        );
+        self.background.push(tokio::spawn(gauges));
+        let tokens = watch_token_files(
+            self.scheduler.clone(),
+            self.store.clone(),
+            config.probe.token_check_interval,
+            self.cancel.clone(),
+        );
+        self.background.push(tokio::spawn(tokens));
+    }
+
+    /// The wall-clock jobs (pruning, daily digest).
+    async fn start_cron(&self, config: &Config) -> anyhow::Result<CronJobs> {
+        CronJobs::start(
+            config,
+            self.store.clone(),
+            self.metrics.clone(),
+            self.leadership.clone(),
+            self.clock.clone(),
+            self.scheduler.rules().clone(),
+        )
+        .await
+        .context("cannot start the pruning job (store.prune_schedule)")
     }
 }
 
-fn email_transport_changed(old: &Config, new: &Config) -> bool {
-    match (&old.email, &new.email) {
-        (Some(old), Some(new)) => {
-            old.host != new.host
-                || old.port != new.port
-                || old.security != new.security
-                || old.from != new.from
-                || old.templates != new.templates
-                || old.username != new.username
-                || old.password != new.password
-                || old.ca_file != new.ca_file
-                || old.timeout != new.timeout
-                || old.hold != new.hold
-                || old.storm_window != new.storm_window
-                || old.storm_min_connections != new.storm_min_connections
-                || old.storm_share != new.storm_share
-        }
-        (None, None) => false,
-        (Some(_), None) | (None, Some(_)) => true,
-    }
-}
-
-fn relay_changed(old: &Config, new: &Config) -> bool {
-    match (&old.relay, &new.relay) {
-        (Some(old), Some(new)) => {
-            old.url != new.url
-                || old.secret != new.secret
-                || old.timeout != new.timeout
-                || old.max_attempts != new.max_attempts
-        }
-        (None, None) => false,
-        (Some(_), None) | (None, Some(_)) => true,
-    }
-}
-
-fn webhooks_changed(old: &Config, new: &Config) -> bool {
-    let (old, new) = (&old.webhooks, &new.webhooks);
-    old.grace != new.grace
-        || old.poll_interval != new.poll_interval
-        || old.overlap != new.overlap
-        || old.retention != new.retention
+/// The admin listener, bound, and the admin token (read before anything starts).
+async fn bind_admin(
+    config: &Config,
+) -> anyhow::Result<(tokio::net::TcpListener, Option<Arc<secrecy::SecretString>>)> {
+    let admin_token = match &config.server.admin_token {
+        Some(reference) => Some(Arc::new(
+            reference.read().context("cannot read server.admin_token")?,
+        )),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.server.admin)
+        .await
+        .with_context(|| format!("cannot listen on server.admin {}", config.server.admin))?;
+    Ok((listener, admin_token))
 }

@@ -22,6 +22,12 @@ pub mod store;
 /// Every metric name and help text.
 pub mod metrics;
 
+/// What happened, for whoever listens in process (the demo, tests).
+pub mod events;
+
+/// The one leased-worker loop: claim, work, record, count, log.
+pub mod worker;
+
 /// The HTTP side of a probe.
 pub mod probe;
 
@@ -46,6 +52,9 @@ pub mod alert;
 /// The admin listener: API, health checks, metrics.
 pub mod server;
 
+/// Fleet-wide gauges, recounted on the leader.
+pub mod gauges;
+
 /// Wall-clock jobs (pruning, daily digest).
 pub mod jobs;
 
@@ -54,6 +63,9 @@ pub mod leader;
 
 /// Assembles the daemon; runs until cancelled.
 pub mod app;
+
+/// What a reload changes, and what needs a restart.
+pub mod reload;
 
 /// `connwatch run` under systemd: signals and notifications.
 pub mod service;

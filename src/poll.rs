@@ -17,19 +17,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::clock::Clock;
 use crate::config::{ChangesConfig, PlatformConfig, WebhooksConfig};
 use crate::domain::time::millis;
-use crate::domain::{ConnectionId, Millis, Outcome, time};
+use crate::domain::{ConnectionId, Millis, Outcome, ProbeReport, time};
+use crate::events::Event;
 use crate::metrics::Metrics;
 use crate::probe::read_answer;
-use crate::schedule::{Event, Scheduler};
-use crate::store::{PollClaim, PolledChange, Store};
+use crate::schedule::Scheduler;
+use crate::store::{PollClaim, PolledChange, Store, StoreError};
 use crate::webhook::{text_at, time_value};
+use crate::worker::{Crew, LeasedWork, Pause, Turn, run_leased};
 
 /// Largest page of changes read.
 const PAGE_LIMIT: usize = 8 * 1024 * 1024;
 /// Polls in flight at once.
 const POLL_CONCURRENCY: usize = 16;
+/// Time between two turns of the poll loop.
+const POLL_TURN: Duration = Duration::from_millis(500);
+/// How long a claimed poll is leased (all its pages).
+const POLL_LEASE: Millis = 10 * 60_000;
 
 /// Watches for quiet connections and polls them.
 #[derive(Clone)]
@@ -51,70 +58,20 @@ enum PollEnd {
 }
 
 impl Poller {
-    /// Runs until `cancel`: marks quiet connections, claims due polls, runs them.
+    /// Runs until `cancel`: marks quiet connections, claims due polls, runs them on
+    /// `tracker` (at most `POLL_CONCURRENCY` at once).
     pub async fn run(self, cancel: CancellationToken, tracker: TaskTracker) {
-        let permits = Arc::new(tokio::sync::Semaphore::new(POLL_CONCURRENCY));
-        let grace = millis(self.settings.grace);
-        loop {
-            let now = self.scheduler.clock().now();
-            match self.store.mark_quiet(now, grace).await {
-                Ok(quiet) => {
-                    for id in quiet {
-                        tracing::warn!(connection_id = %id, "no webhook within the expected interval; polling for changes");
-                    }
-                }
-                Err(error) => {
-                    self.metrics
-                        .store_errors
-                        .with_label_values(&["mark_quiet"])
-                        .inc();
-                    tracing::error!(%error, "cannot check for quiet connections");
-                }
-            }
-            let available = permits.available_permits() as u32;
-            if available > 0 {
-                let lease_until = now + 10 * 60_000;
-                match self
-                    .store
-                    .claim_polls(now, available, self.scheduler.owner(), lease_until)
-                    .await
-                {
-                    Ok(claims) => {
-                        for claim in claims {
-                            let Ok(permit) = permits.clone().acquire_owned().await else {
-                                break;
-                            };
-                            let poller = self.clone();
-                            let span = tracing::info_span!("poll", connection_id = %claim.id, platform = %claim.platform);
-                            tracker.spawn(
-                                async move {
-                                    poller.poll(claim).await;
-                                    drop(permit);
-                                }
-                                .instrument(span),
-                            );
-                        }
-                    }
-                    Err(error) => {
-                        self.metrics
-                            .store_errors
-                            .with_label_values(&["claim_polls"])
-                            .inc();
-                        tracing::error!(%error, "cannot claim polls");
-                    }
-                }
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
+        let crew = Crew::Spawned {
+            concurrency: POLL_CONCURRENCY,
+            batch: POLL_CONCURRENCY as u32,
+            tracker,
+        };
+        run_leased(Arc::new(self), crew, cancel).await;
     }
 
     async fn poll(&self, claim: PollClaim) {
         let owner = self.scheduler.owner().to_owned();
         let now = self.scheduler.clock().now();
-        let poll_interval = millis(self.settings.poll_interval);
         let platform = self.scheduler.prober().platform(&claim.platform);
         let changes = platform
             .as_ref()
@@ -138,6 +95,12 @@ impl Poller {
                 PollEnd::Failed("connection no longer configured".into())
             }
         };
+        self.record_end(&claim, end, &owner, now).await;
+    }
+
+    /// Counts how a poll ended; an unfinished one is deferred (its lease released).
+    async fn record_end(&self, claim: &PollClaim, end: PollEnd, owner: &str, now: Millis) {
+        let poll_interval = millis(self.settings.poll_interval);
         let count = |result: &str| {
             self.metrics
                 .polls
@@ -163,7 +126,7 @@ impl Poller {
             PollEnd::AuthFailed => {
                 count("auth_failed");
                 self.store
-                    .defer_poll(&claim.id, &owner, now + poll_interval, "auth_failed", now)
+                    .defer_poll(&claim.id, owner, now + poll_interval, "auth_failed", now)
                     .await
             }
             PollEnd::RateLimited { retry_after } => {
@@ -172,14 +135,14 @@ impl Poller {
                     .map(|secs| secs as i64 * 1000)
                     .unwrap_or(poll_interval);
                 self.store
-                    .defer_poll(&claim.id, &owner, now + wait.max(1000), "rate_limited", now)
+                    .defer_poll(&claim.id, owner, now + wait.max(1000), "rate_limited", now)
                     .await
             }
             PollEnd::Failed(reason) => {
                 count("error");
                 tracing::warn!(%reason, "poll failed; retrying at the next poll interval");
                 self.store
-                    .defer_poll(&claim.id, &owner, now + poll_interval, "error", now)
+                    .defer_poll(&claim.id, owner, now + poll_interval, "error", now)
                     .await
             }
         };
@@ -204,56 +167,12 @@ impl Poller {
         let mut newest = claim.max_seen;
         let mut recovered = 0;
         for _ in 0..changes.max_pages {
-            let url = match page_url(platform, changes, since, cursor.as_deref()) {
-                Ok(url) => url,
-                Err(reason) => return PollEnd::Failed(reason),
-            };
-            let answer = match self
-                .scheduler
-                .prober()
-                .request(
-                    &platform.name,
-                    reqwest::Method::GET,
-                    &url,
-                    token,
-                    PAGE_LIMIT,
-                )
+            let page = match self
+                .fetch_page(claim, platform, changes, token, since, cursor.as_deref())
                 .await
             {
-                Ok(answer) => answer,
-                Err(report) => return PollEnd::Failed(report.message.unwrap_or_default()),
-            };
-            if !(200..300).contains(&answer.status) {
-                let report = read_answer(
-                    platform,
-                    answer.status,
-                    &answer.headers,
-                    &answer.body,
-                    answer.latency_ms,
-                );
-                return match report.outcome {
-                    Outcome::AuthFailed => {
-                        // An auth failure here is an auth failure of the connection.
-                        if let Err(error) = self.scheduler.apply_report(&claim.id, report).await {
-                            tracing::warn!(%error, "poll auth failure not applied; the next probe will see it");
-                        }
-                        PollEnd::AuthFailed
-                    }
-                    Outcome::RateLimited => PollEnd::RateLimited {
-                        retry_after: report.retry_after_secs,
-                    },
-                    Outcome::Ok
-                    | Outcome::ServerError
-                    | Outcome::ClientError
-                    | Outcome::Timeout
-                    | Outcome::NetworkError
-                    | Outcome::InvalidResponse => {
-                        PollEnd::Failed(format!("changes endpoint answered {}", answer.status))
-                    }
-                };
-            }
-            let Ok(page) = serde_json::from_slice::<Value>(&answer.body) else {
-                return PollEnd::Failed("changes page is not JSON".into());
+                Ok(page) => page,
+                Err(end) => return end,
             };
             let Some(items) = page
                 .pointer(&changes.items_pointer)
@@ -265,29 +184,7 @@ impl Poller {
                 ));
             };
             let now = self.scheduler.clock().now();
-            let polled: Vec<PolledChange> = items
-                .iter()
-                .filter_map(|item| {
-                    let change_id = text_at(item, &changes.id_pointer)?;
-                    let updated_at = item
-                        .pointer(&changes.updated_pointer)
-                        .and_then(time_value)?;
-                    let relay = self.relay_enabled.then(|| {
-                        relay_message(&claim.id, platform, &change_id, updated_at, item, now)
-                    });
-                    Some(PolledChange {
-                        change_id,
-                        updated_at,
-                        relay,
-                    })
-                })
-                .collect();
-            if polled.len() < items.len() {
-                tracing::warn!(
-                    skipped = items.len() - polled.len(),
-                    "changes without id or update time skipped"
-                );
-            }
+            let polled = self.read_changes(claim, platform, changes, items, now);
             newest = newest.max(polled.iter().map(|change| change.updated_at).max());
             let next = text_at(&page, &changes.next_pointer);
             match self
@@ -302,15 +199,9 @@ impl Poller {
                 Some(next) => cursor = Some(next),
                 None => {
                     let covered_until = newest.unwrap_or(claim.watermark);
-                    let next_poll = now + millis(self.settings.poll_interval);
-                    if let Err(error) = self
-                        .store
-                        .finish_poll(&claim.id, owner, covered_until, next_poll, now)
-                        .await
-                    {
-                        return PollEnd::Failed(format!("cannot finish the poll: {error}"));
-                    }
-                    return PollEnd::Complete { recovered };
+                    return self
+                        .finish(claim, owner, covered_until, now, recovered)
+                        .await;
                 }
             }
         }
@@ -318,6 +209,183 @@ impl Poller {
             "pagination did not end within {} pages",
             changes.max_pages
         ))
+    }
+
+    /// Asks for one page of changes; a refusal or an unreadable page ends the poll.
+    async fn fetch_page(
+        &self,
+        claim: &PollClaim,
+        platform: &PlatformConfig,
+        changes: &ChangesConfig,
+        token: &SecretString,
+        since: Millis,
+        cursor: Option<&str>,
+    ) -> Result<Value, PollEnd> {
+        let url = page_url(platform, changes, since, cursor).map_err(PollEnd::Failed)?;
+        let answer = self
+            .scheduler
+            .prober()
+            .request(
+                &platform.name,
+                reqwest::Method::GET,
+                &url,
+                token,
+                PAGE_LIMIT,
+            )
+            .await
+            .map_err(|report| PollEnd::Failed(report.message.unwrap_or_default()))?;
+        if !(200..300).contains(&answer.status) {
+            let report = read_answer(
+                platform,
+                answer.status,
+                &answer.headers,
+                &answer.body,
+                answer.latency_ms,
+            );
+            return Err(self.refused(claim, report, answer.status).await);
+        }
+        serde_json::from_slice::<Value>(&answer.body)
+            .map_err(|_| PollEnd::Failed("changes page is not JSON".into()))
+    }
+
+    /// How a poll ends when the changes endpoint refused a page.
+    async fn refused(&self, claim: &PollClaim, report: ProbeReport, status: u16) -> PollEnd {
+        match report.outcome {
+            Outcome::AuthFailed => {
+                // An auth failure here is an auth failure of the connection.
+                if let Err(error) = self.scheduler.apply_report(&claim.id, report).await {
+                    tracing::warn!(%error, "poll auth failure not applied; the next probe will see it");
+                }
+                PollEnd::AuthFailed
+            }
+            Outcome::RateLimited => PollEnd::RateLimited {
+                retry_after: report.retry_after_secs,
+            },
+            Outcome::Ok
+            | Outcome::ServerError
+            | Outcome::ClientError
+            | Outcome::Timeout
+            | Outcome::NetworkError
+            | Outcome::InvalidResponse => {
+                PollEnd::Failed(format!("changes endpoint answered {status}"))
+            }
+        }
+    }
+
+    /// The changes of one page (with their relay messages when the relay is on); those
+    /// without an id or update time are skipped, with a warning.
+    fn read_changes(
+        &self,
+        claim: &PollClaim,
+        platform: &PlatformConfig,
+        changes: &ChangesConfig,
+        items: &[Value],
+        now: Millis,
+    ) -> Vec<PolledChange> {
+        let polled: Vec<PolledChange> = items
+            .iter()
+            .filter_map(|item| {
+                let change_id = text_at(item, &changes.id_pointer)?;
+                let updated_at = item
+                    .pointer(&changes.updated_pointer)
+                    .and_then(time_value)?;
+                let relay = self
+                    .relay_enabled
+                    .then(|| relay_message(&claim.id, platform, &change_id, updated_at, item, now));
+                Some(PolledChange {
+                    change_id,
+                    updated_at,
+                    relay,
+                })
+            })
+            .collect();
+        if polled.len() < items.len() {
+            tracing::warn!(
+                skipped = items.len() - polled.len(),
+                "changes without id or update time skipped"
+            );
+        }
+        polled
+    }
+
+    /// Moves the watermark once the last page is stored.
+    async fn finish(
+        &self,
+        claim: &PollClaim,
+        owner: &str,
+        covered_until: Millis,
+        now: Millis,
+        recovered: usize,
+    ) -> PollEnd {
+        let next_poll = now + millis(self.settings.poll_interval);
+        if let Err(error) = self
+            .store
+            .finish_poll(&claim.id, owner, covered_until, next_poll, now)
+            .await
+        {
+            return PollEnd::Failed(format!("cannot finish the poll: {error}"));
+        }
+        PollEnd::Complete { recovered }
+    }
+}
+
+impl LeasedWork for Poller {
+    type Item = PollClaim;
+    const CLAIM_OPERATION: &'static str = "claim_polls";
+    const CLAIM_FAILED: &'static str = "cannot claim polls";
+    const IDLE: Duration = POLL_TURN;
+
+    fn clock(&self) -> &Clock {
+        self.scheduler.clock()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn lease_until(&self, now: Millis) -> Millis {
+        now + POLL_LEASE
+    }
+
+    async fn claim(
+        &self,
+        now: Millis,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<PollClaim>, StoreError> {
+        self.store
+            .claim_polls(now, limit, self.scheduler.owner(), lease_until)
+            .await
+    }
+
+    async fn work(&self, claim: PollClaim) {
+        let span =
+            tracing::info_span!("poll", connection_id = %claim.id, platform = %claim.platform);
+        self.poll(claim).instrument(span).await;
+    }
+
+    /// Quiet detection: connections whose webhooks stopped start being polled.
+    async fn before_claim(&self, now: Millis) {
+        let grace = millis(self.settings.grace);
+        match self.store.mark_quiet(now, grace).await {
+            Ok(quiet) => {
+                for id in quiet {
+                    tracing::warn!(connection_id = %id, "no webhook within the expected interval; polling for changes");
+                }
+            }
+            Err(error) => {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["mark_quiet"])
+                    .inc();
+                tracing::error!(%error, "cannot check for quiet connections");
+            }
+        }
+    }
+
+    /// Polls run in tasks of their own: every turn waits a full `POLL_TURN`, busy or not.
+    fn pause(&self, _turn: Turn) -> Pause {
+        Pause::Sleep(POLL_TURN)
     }
 }
 

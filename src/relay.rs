@@ -2,6 +2,7 @@
 //! retried with exponential backoff and jitter; messages past `max_attempts` are dead
 //! (kept, counted, shown in `status`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
@@ -9,9 +10,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::RelayConfig;
+use crate::domain::Millis;
+use crate::domain::time::millis;
 use crate::metrics::Metrics;
-use crate::store::{RelayMessage, Store};
+use crate::store::{RelayMessage, Store, StoreError};
 use crate::webhook::verify::{decode_standard_secret, sign_standard};
+use crate::worker::{Crew, LeasedWork, run_leased};
+
+/// Relay messages claimed per turn.
+const RELAY_BATCH: u32 = 32;
 
 /// Sends relay messages.
 pub struct Relay {
@@ -49,42 +56,10 @@ impl Relay {
         })
     }
 
-    /// Drains the outbox until `cancel`.
+    /// Drains the outbox until `cancel`: one message after another, `RELAY_BATCH` a claim.
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            let now = self.clock.now();
-            let lease_until = now + 2 * crate::domain::time::millis(self.settings.timeout) + 5_000;
-            let claimed = match self
-                .store
-                .claim_relay(now, 32, &self.owner, lease_until)
-                .await
-            {
-                Ok(messages) => messages,
-                Err(error) => {
-                    self.metrics
-                        .store_errors
-                        .with_label_values(&["claim_relay"])
-                        .inc();
-                    tracing::error!(%error, "cannot claim relay messages");
-                    Vec::new()
-                }
-            };
-            let busy = !claimed.is_empty();
-            for message in claimed {
-                if cancel.is_cancelled() {
-                    break;
-                }
-                self.send(message).await;
-            }
-            if !busy {
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            } else if cancel.is_cancelled() {
-                return;
-            }
-        }
+        let crew = Crew::InLine { batch: RELAY_BATCH };
+        run_leased(Arc::new(self), crew, cancel).await;
     }
 
     async fn send(&self, message: RelayMessage) {
@@ -136,6 +111,40 @@ impl Relay {
         {
             tracing::error!(%error, "cannot record the relay attempt; it will be retried");
         }
+    }
+}
+
+impl LeasedWork for Relay {
+    type Item = RelayMessage;
+    const CLAIM_OPERATION: &'static str = "claim_relay";
+    const CLAIM_FAILED: &'static str = "cannot claim relay messages";
+    const IDLE: Duration = Duration::from_millis(500);
+
+    fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn lease_until(&self, now: Millis) -> Millis {
+        now + 2 * millis(self.settings.timeout) + 5_000
+    }
+
+    async fn claim(
+        &self,
+        now: Millis,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<RelayMessage>, StoreError> {
+        self.store
+            .claim_relay(now, limit, &self.owner, lease_until)
+            .await
+    }
+
+    async fn work(&self, message: RelayMessage) {
+        self.send(message).await;
     }
 }
 

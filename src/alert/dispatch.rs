@@ -3,6 +3,7 @@
 //! daily staff digest.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,12 +14,13 @@ use super::Mailer;
 use super::templates::{Templates, escape_html};
 use crate::clock::Clock;
 use crate::config::EmailConfig;
-use crate::domain::time;
 use crate::domain::time::millis;
+use crate::domain::{Millis, time};
 use crate::metrics::Metrics;
 use crate::relay::backoff_ms;
 use crate::rules::{SharedRules, StormDecision};
-use crate::store::{EmailJob, Store, UnreadableEmail};
+use crate::store::{EmailJob, Store, StoreError, UnreadableEmail};
+use crate::worker::{Crew, LeasedWork, run_leased};
 
 /// Emails claimed per turn.
 const EMAIL_BATCH: u32 = 2;
@@ -40,58 +42,15 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Drains the outbox until `cancel`: `EMAIL_BATCH` emails a claim, one after another.
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            let now = self.clock.now();
-            if self.leadership.is_leader() {
-                self.check_storms(now).await;
-            }
-            // One send takes at most two attempts of `timeout`; the lease covers the batch.
-            let per_send = 2 * millis(self.settings.timeout) + 1_000;
-            let lease_until = now + EMAIL_BATCH as i64 * per_send + 5_000;
-            let jobs = match self
-                .store
-                .claim_emails(now, EMAIL_BATCH, &self.owner, lease_until)
-                .await
-            {
-                Ok(jobs) => jobs,
-                Err(error) => {
-                    self.metrics
-                        .store_errors
-                        .with_label_values(&["claim_emails"])
-                        .inc();
-                    tracing::error!(%error, "cannot claim emails");
-                    Vec::new()
-                }
-            };
-            let busy = !jobs.is_empty();
-            for job in jobs {
-                // On shutdown, or when the lease could run out mid-send, stop: the rest
-                // are claimed again when their lease expires, never sent twice at once.
-                if cancel.is_cancelled() || self.clock.now() + per_send > lease_until {
-                    break;
-                }
-                match job {
-                    Ok(job) => {
-                        let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
-                        self.deliver(job).instrument(span).await;
-                    }
-                    Err(unreadable) => self.fail_unreadable(unreadable).await,
-                }
-            }
-            if self.leadership.is_leader() {
-                self.refresh_gauges().await;
-            }
-            if cancel.is_cancelled() {
-                return;
-            }
-            if !busy {
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
-        }
+        let crew = Crew::InLine { batch: EMAIL_BATCH };
+        run_leased(Arc::new(self), crew, cancel).await;
+    }
+
+    /// The longest one send may take: two attempts of `timeout`.
+    fn per_send(&self) -> Millis {
+        2 * millis(self.settings.timeout) + 1_000
     }
 
     async fn check_storms(&self, now: i64) {
@@ -210,6 +169,67 @@ impl Dispatcher {
             }
             Err(error) => tracing::warn!(%error, "cannot read the outbox size"),
         }
+    }
+}
+
+impl LeasedWork for Dispatcher {
+    type Item = Result<EmailJob, UnreadableEmail>;
+    const CLAIM_OPERATION: &'static str = "claim_emails";
+    const CLAIM_FAILED: &'static str = "cannot claim emails";
+    const IDLE: Duration = Duration::from_millis(500);
+
+    fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The lease covers the whole batch.
+    fn lease_until(&self, now: Millis) -> Millis {
+        now + EMAIL_BATCH as i64 * self.per_send() + 5_000
+    }
+
+    async fn claim(
+        &self,
+        now: Millis,
+        limit: u32,
+        lease_until: Millis,
+    ) -> Result<Vec<Self::Item>, StoreError> {
+        self.store
+            .claim_emails(now, limit, &self.owner, lease_until)
+            .await
+    }
+
+    async fn work(&self, job: Self::Item) {
+        match job {
+            Ok(job) => {
+                let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
+                self.deliver(job).instrument(span).await;
+            }
+            Err(unreadable) => self.fail_unreadable(unreadable).await,
+        }
+    }
+
+    /// Storm detection runs on the leader only.
+    async fn before_claim(&self, now: Millis) {
+        if self.leadership.is_leader() {
+            self.check_storms(now).await;
+        }
+    }
+
+    /// The outbox gauges come from the leader only.
+    async fn after_batch(&self) {
+        if self.leadership.is_leader() {
+            self.refresh_gauges().await;
+        }
+    }
+
+    /// When the lease could run out mid-send, the rest of the batch is left to it: it is
+    /// claimed again when the lease expires, never sent twice at once.
+    fn may_start(&self, lease_until: Millis) -> bool {
+        self.clock.now() + self.per_send() <= lease_until
     }
 }
 

@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::commands::write_table;
 use crate::config::Config;
 use crate::domain::{Health, time};
-use crate::schedule::Event;
+use crate::events::Event;
 use platform::{Behaviour, FakePlatform};
 
 const CUSTOMERS: [(&str, &str); 3] = [

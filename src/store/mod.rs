@@ -7,6 +7,7 @@
 mod connections;
 mod email_outbox;
 mod incidents;
+mod maintenance;
 mod polls;
 mod probes;
 mod read;
@@ -23,6 +24,7 @@ use crate::domain::Millis;
 
 pub use connections::SyncConnection;
 pub use email_outbox::{EmailJob, UnreadableEmail};
+pub use maintenance::checkpoint_wal;
 pub use polls::{PollClaim, PolledChange};
 pub use probes::{Claimed, ProbeRecord};
 pub use read::{ConnectionDetail, ConnectionSummary, IncidentRow, ProbeRow, TransitionRow};

@@ -26,9 +26,9 @@ use tracing::Instrument;
 use crate::clock::Clock;
 use crate::config::{PlatformConfig, PlatformWebhooks, SignatureScheme};
 use crate::domain::Millis;
+use crate::events::Event;
 use crate::metrics::Metrics;
 use crate::rules::SharedRules;
-use crate::schedule::Event;
 use crate::store::{Store, WebhookDelivery, WebhookStored};
 use verify::{SignatureError, decode_standard_secret, verify_hex, verify_standard};
 
