@@ -1,10 +1,8 @@
 //! The store test suite, run against a real SQLite file and the real PostgreSQL.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::{Kind, TestDb};
+use crate::helpers::{Kind, TestDb};
 use connwatch::classify::{Policy, classify};
 use connwatch::domain::{ConnectionId, Health, Outcome, ProbeReport};
 use connwatch::store::{Claimed, ProbeRecord, Store, SyncConnection};

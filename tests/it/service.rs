@@ -1,16 +1,14 @@
 //! Running as a service: reload on SIGHUP, systemd notifications, JSON logs, and the
 //! metrics checked by the real promtool against the rules and dashboard shipped beside them.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::process::{BINARY, nix_kill, spawn_daemon, strip_ansi};
-use common::{Conn, Kind, TestDb, config_text, eventually, token_file};
+use crate::helpers::process::{BINARY, nix_kill, spawn_daemon, strip_ansi};
+use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, token_file};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 
 type Log = std::sync::Arc<std::sync::Mutex<String>>;
@@ -137,7 +135,7 @@ async fn systemd_hears_ready_watchdog_status_and_stopping() {
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let mut child = common::process::Daemon(
+    let mut child = crate::helpers::process::Daemon(
         Command::new(BINARY)
             .args(["run", "--config", config.to_str().expect("utf-8")])
             .env("NOTIFY_SOCKET", &socket_path)
@@ -168,7 +166,13 @@ async fn systemd_hears_ready_watchdog_status_and_stopping() {
 }
 
 /// A daemon with every feature on, so every metric family is exported.
-async fn full_daemon() -> (TestDb, FakePlatform, common::process::Daemon, String, Log) {
+async fn full_daemon() -> (
+    TestDb,
+    FakePlatform,
+    crate::helpers::process::Daemon,
+    String,
+    Log,
+) {
     let db = TestDb::new(Kind::Sqlite).await;
     let platform = FakePlatform::start().await.expect("platform");
     platform.set("tok-a", Behaviour::Healthy);
@@ -202,7 +206,8 @@ async fn full_daemon() -> (TestDb, FakePlatform, common::process::Daemon, String
     ));
     let config = db.path().join("connwatch.toml");
     std::fs::write(&config, text).expect("config");
-    let (child, log, admin) = common::process::spawn_daemon_with(&config, &["\"admin_addr\":\""]);
+    let (child, log, admin) =
+        crate::helpers::process::spawn_daemon_with(&config, &["\"admin_addr\":\""]);
     let admin = admin[0].split('"').next().unwrap_or_default().to_owned();
     (db, platform, child, admin, log)
 }

@@ -1,10 +1,8 @@
 //! The daemon in-process against a fake platform over real HTTP and a real SQLite file.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
+use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
 use connwatch::app::{self, Hooks, Running};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 use connwatch::domain::{ConnectionId, Health, Outcome};

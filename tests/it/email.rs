@@ -1,11 +1,9 @@
 //! Reauthorization emails against a real SMTP server process (aiosmtpd).
 
-mod common;
-
 use std::time::Duration;
 
-use common::smtp::{SmtpOptions, SmtpServer, free_port, read_messages, test_ca};
-use common::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
+use crate::helpers::smtp::{SmtpOptions, SmtpServer, free_port, read_messages, test_ca};
+use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
 use connwatch::app::{self, Hooks, Running};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 use connwatch::domain::{ConnectionId, Health};
@@ -98,7 +96,7 @@ async fn wait_health(running: &Running, raw: &str, wanted: Health, seconds: u64)
     .await;
 }
 
-fn subjects_for(messages: &[common::smtp::Received], recipient: &str) -> Vec<String> {
+fn subjects_for(messages: &[crate::helpers::smtp::Received], recipient: &str) -> Vec<String> {
     messages
         .iter()
         .filter(|m| m.to.iter().any(|to| to == recipient))
@@ -589,7 +587,7 @@ async fn kill_9_between_send_and_mark_sent_loses_nothing_and_resends_with_the_sa
     let config = db.path().join("connwatch.toml");
     std::fs::write(&config, &text).expect("config");
     let spawn = || {
-        common::process::Daemon(
+        crate::helpers::process::Daemon(
             std::process::Command::new(env!("CARGO_BIN_EXE_connwatch"))
                 .args(["run", "--config", config.to_str().expect("utf-8")])
                 .stdout(std::process::Stdio::null())
@@ -646,7 +644,7 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
     let smtp = SmtpServer::start(folder.path(), SmtpOptions::default());
     let setup = setup(Kind::Sqlite, 2, smtp.port, "hold = \"30s\"").await;
     let running = &setup.running;
-    let now = common::now_millis();
+    let now = crate::helpers::now_millis();
     assert!(
         !running
             .store

@@ -1,14 +1,12 @@
 //! Webhooks, quiet detection, the polling fallback and the relay, end to end over real HTTP.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::helpers::now_millis;
+use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
 use axum::http::HeaderMap;
-use common::now_millis;
-use common::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
 use connwatch::app::{self, Hooks, Running};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 use connwatch::domain::{ConnectionId, Health};

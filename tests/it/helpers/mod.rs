@@ -1,6 +1,5 @@
 //! Shared test helpers: real databases (a SQLite file, a fresh PostgreSQL database),
 //! configs pointing at a fake platform, and waiting with a deadline.
-#![allow(dead_code)]
 
 pub mod process;
 pub mod smtp;

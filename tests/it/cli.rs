@@ -1,13 +1,11 @@
 //! The `connwatch` binary as a user runs it: real processes, real signals, captured output.
 
-mod common;
-
 use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi};
-use common::{Conn, Kind, TestDb, config_text, token_file};
+use crate::helpers::process::{nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi};
+use crate::helpers::{Conn, Kind, TestDb, config_text, token_file};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_connwatch");
@@ -242,7 +240,7 @@ async fn sigterm_drains_and_exits_cleanly_while_a_probe_hangs() {
     )
     .expect("config");
     let (mut child, log, _) = spawn_daemon(&config);
-    common::eventually(Duration::from_secs(5), "a hanging probe", || async {
+    crate::helpers::eventually(Duration::from_secs(5), "a hanging probe", || async {
         (platform.requests("tok-hang") > 0).then_some(())
     })
     .await;
@@ -295,7 +293,7 @@ async fn a_webhook_answered_2xx_survives_kill_9() {
         spawn_daemon_with(&config, &["admin_addr=", "webhook_addr="]);
     let key = decode_standard_secret(secret).expect("key");
     let client = reqwest::Client::new();
-    let timestamp = common::now_millis() / 1000;
+    let timestamp = crate::helpers::now_millis() / 1000;
     for index in 0..20 {
         let id = format!("msg_kill_{index}");
         let body = format!("{{\"connectionId\":\"conn_acme\",\"n\":{index}}}");

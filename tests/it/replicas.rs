@@ -1,15 +1,13 @@
 //! Three `connwatch run` processes on one PostgreSQL database share the work: no connection
 //! probed twice within its interval, no email sent twice, a killed replica's work taken over.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::now_millis;
-use common::process::{nix_kill, spawn_daemon};
-use common::smtp::{SmtpOptions, SmtpServer};
-use common::{Conn, Kind, TestDb, config_text, eventually, token_file};
+use crate::helpers::now_millis;
+use crate::helpers::process::{nix_kill, spawn_daemon};
+use crate::helpers::smtp::{SmtpOptions, SmtpServer};
+use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, token_file};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 
 const CONNECTIONS: usize = 30;
@@ -60,7 +58,7 @@ async fn three_replicas_share_the_work_without_duplicates_and_survive_a_kill() {
     let config = db.path().join("connwatch.toml");
     std::fs::write(&config, &text).expect("config");
     // Migrate once, then start three replicas.
-    let migrated = std::process::Command::new(common::process::BINARY)
+    let migrated = std::process::Command::new(crate::helpers::process::BINARY)
         .args(["migrate", "--config", config.to_str().expect("utf-8")])
         .status()
         .expect("migrate");
