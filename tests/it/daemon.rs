@@ -1,104 +1,45 @@
-//! The daemon in-process against a fake platform over real HTTP and a real SQLite file.
+//! The daemon in-process against a fake platform over real HTTP and a real database.
 
 use std::time::Duration;
 
-use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
-use connwatch::app::{self, Hooks, Running};
-use connwatch::demo::platform::{Behaviour, FakePlatform};
-use connwatch::domain::{ConnectionId, Health, Outcome};
-use connwatch::store::ConnectionSummary;
+use connwatch::app::{self, Hooks};
+use connwatch::demo::platform::Behaviour;
+use connwatch::domain::{Health, Outcome};
 
-async fn summary(running: &Running, raw: &str) -> Option<ConnectionSummary> {
-    let listed = running.store.list_connections().await.ok()?;
-    listed
-        .into_iter()
-        .find(|connection| connection.id.as_str() == raw)
-}
-
-async fn wait_for_health(running: &Running, raw: &str, health: Health, limit: Duration) {
-    eventually(limit, &format!("{raw} to become {health}"), || async {
-        (summary(running, raw).await?.health == health).then_some(())
-    })
-    .await
-}
-
-async fn transitions(running: &Running, raw: &str) -> Vec<(Health, Health)> {
-    let id = ConnectionId::parse(raw).expect("id");
-    let detail = running
-        .store
-        .connection_detail(&id)
-        .await
-        .expect("read")
-        .expect("exists");
-    detail
-        .transitions
-        .iter()
-        .rev()
-        .map(|t| (t.from, t.to))
-        .collect()
-}
-
-struct Setup {
-    db: TestDb,
-    platform: FakePlatform,
-    running: Running,
-}
-
-async fn start_with(kind: Kind, ids: &[&str], extra_probe: &str) -> Setup {
-    let db = TestDb::new(kind).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    let connections: Vec<Conn> = ids
-        .iter()
-        .map(|id| {
-            let token = format!("secret-token-{id}-v1");
-            platform.set(&token, Behaviour::Healthy);
-            Conn {
-                id,
-                platform: "makini",
-                token_file: token_file(db.path(), id, &token),
-            }
-        })
-        .collect();
-    let text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        extra_probe,
-    );
-    let running = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("start");
-    Setup {
-        db,
-        platform,
-        running,
-    }
-}
+use crate::helpers::{Kind, eventually, now_millis, spawn_app, test_app, token_of};
 
 #[tokio::test]
 async fn a_credential_change_becomes_needs_reauth_after_exactly_the_threshold() {
-    let setup = start_with(Kind::Sqlite, &["acme", "other"], "").await;
-    let running = &setup.running;
-    wait_for_health(running, "acme", Health::Healthy, Duration::from_secs(5)).await;
-    let before = setup.platform.requests("secret-token-acme-v1");
-    setup
-        .platform
-        .set("secret-token-acme-v1", Behaviour::Revoked);
-    wait_for_health(running, "acme", Health::NeedsReauth, Duration::from_secs(5)).await;
+    let app = test_app(Kind::Sqlite)
+        .connections(["acme", "other"])
+        .manual_clock()
+        .spawn()
+        .await;
+    let token = token_of("acme");
+    // Every connection's first slot falls within one interval (1 s).
+    app.advance(Duration::from_secs(1));
+    app.wait_health("acme", Health::Healthy).await;
+    let before = app.platform.requests(&token);
+    app.platform.set(&token, Behaviour::Revoked);
+    // The next slot fails; the failure is confirmed after confirm_after (200 ms).
+    app.advance(Duration::from_secs(1));
+    app.wait_health("acme", Health::Degraded).await;
+    app.advance(Duration::from_millis(200));
+    app.wait_health("acme", Health::NeedsReauth).await;
     assert_eq!(
-        setup.platform.requests("secret-token-acme-v1") - before,
+        app.platform.requests(&token) - before,
         2,
         "failure_threshold = 2 auth failures, then no more probes"
     );
     assert_eq!(
-        transitions(running, "acme").await,
+        app.transitions("acme").await,
         vec![
             (Health::Unknown, Health::Healthy),
             (Health::Healthy, Health::Degraded),
             (Health::Degraded, Health::NeedsReauth),
         ]
     );
-    let acme = summary(running, "acme").await.expect("acme");
+    let acme = app.summary("acme").await.expect("acme");
     let incident = acme.open_incident.expect("incident");
     assert_eq!(
         incident.error_code.as_deref(),
@@ -110,78 +51,74 @@ async fn a_credential_change_becomes_needs_reauth_after_exactly_the_threshold() 
             .as_deref()
             .is_some_and(|id| id.starts_with("req_"))
     );
-    // The circuit breaker holds: no probe with the dead token for reauth_backoff (15 min).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(setup.platform.requests("secret-token-acme-v1") - before, 2);
-    assert_eq!(
-        summary(running, "other").await.expect("other").health,
-        Health::Healthy
-    );
-    setup.running.shutdown().await;
+    // The circuit breaker holds: 14 minutes on, long past the 1 s interval but within
+    // reauth_backoff (15 min), the dead token is not used again.
+    app.advance(Duration::from_secs(14 * 60));
+    app.wait_for_scheduler_turns(3).await;
+    assert_eq!(app.platform.requests(&token) - before, 2);
+    assert_eq!(app.health("other").await, Some(Health::Healthy));
+    // Once the backoff is over, the connection is probed again.
+    app.advance(Duration::from_secs(2 * 60));
+    eventually(
+        Duration::from_secs(5),
+        "a probe after the backoff",
+        || async { (app.platform.requests(&token) - before == 3).then_some(()) },
+    )
+    .await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_rotated_token_file_is_probed_at_once_and_recovers() {
-    let setup = start_with(Kind::Sqlite, &["acme"], "").await;
-    let running = &setup.running;
-    wait_for_health(running, "acme", Health::Healthy, Duration::from_secs(5)).await;
-    setup
-        .platform
-        .set("secret-token-acme-v1", Behaviour::Revoked);
-    wait_for_health(running, "acme", Health::NeedsReauth, Duration::from_secs(5)).await;
-    setup
-        .platform
-        .set("secret-token-acme-v2", Behaviour::Healthy);
-    token_file(setup.db.path(), "acme", "secret-token-acme-v2");
-    // reauth_backoff is 15 minutes: only the rotation can bring it back this fast.
-    wait_for_health(running, "acme", Health::Healthy, Duration::from_secs(3)).await;
-    let id = ConnectionId::parse("acme").expect("id");
-    let detail = running
-        .store
-        .connection_detail(&id)
-        .await
-        .expect("read")
-        .expect("exists");
+    let app = spawn_app(Kind::Sqlite).await;
+    app.wait_health("acme", Health::Healthy).await;
+    app.platform.set(&token_of("acme"), Behaviour::Revoked);
+    app.wait_health("acme", Health::NeedsReauth).await;
+    app.rotate_token("acme");
+    // reauth_backoff is 15 minutes: only the rotation can bring it back this soon.
+    app.wait_health("acme", Health::Healthy).await;
+    let detail = app.detail("acme").await;
     assert_eq!(detail.incidents.len(), 1);
     assert!(
         detail.incidents[0].closed_at.is_some(),
         "the incident is closed"
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_storm_of_server_errors_is_an_outage_not_a_credential_change() {
-    let setup = start_with(Kind::Sqlite, &["acme"], "").await;
-    let running = &setup.running;
-    wait_for_health(running, "acme", Health::Healthy, Duration::from_secs(5)).await;
-    setup
-        .platform
-        .set("secret-token-acme-v1", Behaviour::ServerError);
-    wait_for_health(running, "acme", Health::Unreachable, Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let acme = summary(running, "acme").await.expect("acme");
+    let app = spawn_app(Kind::Sqlite).await;
+    app.wait_health("acme", Health::Healthy).await;
+    app.platform.set(&token_of("acme"), Behaviour::ServerError);
+    app.wait_health("acme", Health::Unreachable).await;
+    // Two more server errors stored on top of those that made it unreachable.
+    let server_errors = "connwatch_probes_total{outcome=\"server_error\",platform=\"makini\"}";
+    let counted = app.metric(server_errors).await;
+    eventually(Duration::from_secs(10), "two more probes", || async {
+        (app.metric(server_errors).await >= counted + 2.0).then_some(())
+    })
+    .await;
+    let acme = app.summary("acme").await.expect("acme");
     assert_eq!(acme.health, Health::Unreachable);
     assert_eq!(acme.last_outcome, Some(Outcome::ServerError));
     assert!(
-        !transitions(running, "acme")
+        !app.transitions("acme")
             .await
             .iter()
             .any(|(_, to)| *to == Health::NeedsReauth),
         "5xx never counts as an auth failure"
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_redirect_is_not_followed_and_not_taken_for_revoked_credentials() {
-    let setup = start_with(Kind::Sqlite, &["acme"], "").await;
-    let running = &setup.running;
-    setup
-        .platform
-        .set("secret-token-acme-v1", Behaviour::Redirect);
+    let fixture = test_app(Kind::Sqlite).prepare().await;
+    fixture.platform.set(&token_of("acme"), Behaviour::Redirect);
+    let app = fixture.start().await;
     let acme = eventually(Duration::from_secs(5), "a probe", || async {
-        summary(running, "acme")
+        app.summary("acme")
             .await
             .filter(|acme| acme.last_outcome.is_some())
     })
@@ -195,136 +132,120 @@ async fn a_redirect_is_not_followed_and_not_taken_for_revoked_credentials() {
             .contains("redirect")
     );
     assert_ne!(acme.health, Health::NeedsReauth);
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_hanging_platform_does_not_delay_another_platforms_probes() {
-    let db = TestDb::new(Kind::Sqlite).await;
-    let slow = FakePlatform::start().await.expect("platform");
-    let fast = FakePlatform::start().await.expect("platform");
-    let mut connections = Vec::new();
-    let ids: Vec<String> = (0..6).map(|n| format!("slow{n}")).collect();
-    for id in &ids {
-        let token = format!("tok-{id}");
-        slow.set(&token, Behaviour::Hang);
-        connections.push(Conn {
-            id,
-            platform: "slow",
-            token_file: token_file(db.path(), id, &token),
-        });
+    let slow: Vec<String> = (0..6).map(|n| format!("slow{n}")).collect();
+    let fixture = test_app(Kind::Sqlite)
+        .connections_on("slow", &slow)
+        .connections_on("fast", ["fast"])
+        .probe_setting("concurrency = 4")
+        .prepare()
+        .await;
+    for id in &slow {
+        fixture.platform.set(&token_of(id), Behaviour::Hang);
     }
-    fast.set("tok-fast", Behaviour::Healthy);
-    connections.push(Conn {
-        id: "fast",
-        platform: "fast",
-        token_file: token_file(db.path(), "fast", "tok-fast"),
-    });
-    let text = config_text(
-        &db.url,
-        &[("slow", slow.base_url()), ("fast", fast.base_url())],
-        &connections,
-        "concurrency = 4\n",
-    );
-    let running = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("start");
-    // The slow platform may use at most half of the 4 slots; the fast one keeps its pace.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let fast_probes = fast.requests("tok-fast");
+    let app = fixture.start().await;
+    let started = now_millis();
+    // The slow platform may use at most half of the 4 slots; the fast one keeps its pace:
+    // a probe every 1 s interval, three within the first 4 s.
+    let fast = eventually(Duration::from_secs(10), "three fast probes", || async {
+        let times = app.platform.request_times(&token_of("fast"));
+        (times.len() >= 3).then_some(times)
+    })
+    .await;
     assert!(
-        fast_probes >= 3,
-        "one probe per 1 s interval expected, got {fast_probes}"
+        fast[2] <= started + 4_000,
+        "one probe per 1 s interval expected; they came after {:?} ms",
+        fast.iter().map(|at| at - started).collect::<Vec<_>>()
     );
-    let slow_summary = summary(&running, "slow0").await.expect("slow0");
-    assert!(matches!(
-        slow_summary.last_outcome,
-        None | Some(Outcome::Timeout)
-    ));
-    running.shutdown().await;
+    // What the user sees of the slow platform: its probes time out (timeout 500 ms).
+    let slow0 = eventually(Duration::from_secs(10), "a slow probe stored", || async {
+        app.summary("slow0")
+            .await
+            .filter(|summary| summary.last_outcome.is_some())
+    })
+    .await;
+    assert_eq!(slow0.last_outcome, Some(Outcome::Timeout));
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn rate_limits_are_honoured_with_retry_after() {
-    let setup = start_with(Kind::Sqlite, &["acme"], "").await;
-    setup
-        .platform
-        .set("secret-token-acme-v1", Behaviour::RateLimited(30));
-    eventually(Duration::from_secs(5), "a throttled probe", || async {
-        (setup.platform.requests("secret-token-acme-v1") > 0).then_some(())
+    let app = test_app(Kind::Sqlite).manual_clock().spawn().await;
+    let token = token_of("acme");
+    app.platform.set(&token, Behaviour::RateLimited(30));
+    app.advance(Duration::from_secs(1));
+    let acme = eventually(Duration::from_secs(5), "a throttled probe", || async {
+        app.summary("acme")
+            .await
+            .filter(|acme| acme.last_outcome.is_some())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.platform.requests(&token), 1);
+    assert_eq!(acme.last_outcome, Some(Outcome::RateLimited));
+    assert!(acme.next_due >= acme.last_probe_at.unwrap_or_default() + 29_000);
+    // 28 s on: long past the 1 s interval, still within Retry-After.
+    app.advance(Duration::from_secs(28));
+    app.wait_for_scheduler_turns(3).await;
     assert_eq!(
-        setup.platform.requests("secret-token-acme-v1"),
+        app.platform.requests(&token),
         1,
         "Retry-After: 30 is honoured"
     );
-    let acme = summary(&setup.running, "acme").await.expect("acme");
-    assert_eq!(acme.last_outcome, Some(Outcome::RateLimited));
-    assert!(acme.next_due >= acme.last_probe_at.unwrap_or_default() + 29_000);
-    setup.running.shutdown().await;
-}
-
-/// One connection "acme" (token `tok-acme`) on a fake platform answering `behaviour`:
-/// its database, the platform and the config text.
-async fn one_connection(kind: Kind, behaviour: Behaviour) -> (TestDb, FakePlatform, String) {
-    let db = TestDb::new(kind).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok-acme", behaviour);
-    let connections = [Conn {
-        id: "acme",
-        platform: "makini",
-        token_file: token_file(db.path(), "acme", "tok-acme"),
-    }];
-    let text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    );
-    (db, platform, text)
+    // Once Retry-After has passed, the connection is probed again.
+    app.advance(Duration::from_secs(3));
+    eventually(
+        Duration::from_secs(5),
+        "the probe after Retry-After",
+        || async { (app.platform.requests(&token) == 2).then_some(()) },
+    )
+    .await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn health_and_history_survive_a_restart() {
-    let (_db, platform, text) = one_connection(Kind::Postgres, Behaviour::Revoked).await;
-    let running = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("start");
-    wait_for_health(
-        &running,
-        "acme",
-        Health::NeedsReauth,
-        Duration::from_secs(5),
-    )
-    .await;
-    running.shutdown().await;
-    let probes_before = platform.requests("tok-acme");
+    let fixture = test_app(Kind::Postgres).manual_clock().prepare().await;
+    let token = token_of("acme");
+    fixture.platform.set(&token, Behaviour::Revoked);
+    let app = fixture.start().await;
+    // The first slot fails; confirm_after (200 ms) later, the second failure.
+    app.advance(Duration::from_secs(1));
+    app.wait_health("acme", Health::Degraded).await;
+    app.advance(Duration::from_millis(200));
+    app.wait_health("acme", Health::NeedsReauth).await;
+    let fixture = app.stop().await;
+    let probes_before = fixture.platform.requests(&token);
 
-    let restarted = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("restart");
-    let acme = summary(&restarted, "acme").await.expect("acme");
+    let restarted = fixture.start().await;
+    let acme = restarted.summary("acme").await.expect("acme");
     assert_eq!(acme.health, Health::NeedsReauth);
     assert!(acme.open_incident.is_some());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 14 minutes on, long past the 1 s interval: the 15-minute backoff still holds.
+    restarted.advance(Duration::from_secs(14 * 60));
+    restarted.wait_for_scheduler_turns(3).await;
     assert_eq!(
-        platform.requests("tok-acme"),
+        restarted.platform.requests(&token),
         probes_before,
         "the backoff survives the restart"
     );
+    restarted.advance(Duration::from_secs(2 * 60));
+    eventually(
+        Duration::from_secs(5),
+        "a probe after the backoff",
+        || async { (restarted.platform.requests(&token) == probes_before + 1).then_some(()) },
+    )
+    .await;
     restarted.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
-    // The database folder and the platform live to the end of the test.
-    let (_db, _platform, text) = one_connection(Kind::Sqlite, Behaviour::Healthy).await;
-    let running = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("start");
-    let refused = app::start(parse(&text), Hooks::default()).await;
+    let app = spawn_app(Kind::Sqlite).await;
+    let refused = app::start(app.parsed_config(), Hooks::default()).await;
     let message = format!("{:#}", refused.err().expect("a second daemon is refused"));
     assert!(
         message.contains("another `connwatch run` uses")
@@ -333,7 +254,7 @@ async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
     );
     // The one-shot commands still read and write beside the daemon.
     assert_eq!(
-        app::open_store(&parse(&text))
+        app::open_store(&app.parsed_config())
             .await
             .expect("open")
             .list_connections()
@@ -342,8 +263,8 @@ async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
             .len(),
         1
     );
-    running.shutdown().await;
-    let again = app::start(parse(&text), Hooks::default())
+    let fixture = app.stop().await;
+    let again = app::start(fixture.parsed_config(), Hooks::default())
         .await
         .expect("the lock is released at shutdown");
     again.shutdown().await;
@@ -351,12 +272,12 @@ async fn a_second_daemon_on_the_same_sqlite_file_is_refused() {
 
 #[tokio::test]
 async fn readyz_fails_when_the_store_goes_away() {
-    let setup = start_with(Kind::Postgres, &["acme"], "").await;
-    let url = format!("http://{}/readyz", setup.running.admin_addr);
+    let app = spawn_app(Kind::Postgres).await;
+    let url = format!("http://{}/readyz", app.admin_addr);
     let client = reqwest::Client::new();
     let ready = client.get(&url).send().await.expect("readyz");
     assert_eq!(ready.status(), 200);
-    setup.db.drop_postgres().await;
+    app.db.drop_postgres().await;
     let status = eventually(Duration::from_secs(15), "readyz to fail", || async {
         let status = client.get(&url).send().await.ok()?.status();
         (status == 503).then_some(status)
@@ -364,26 +285,20 @@ async fn readyz_fails_when_the_store_goes_away() {
     .await;
     assert_eq!(status, 503);
     let healthz = client
-        .get(format!("http://{}/healthz", setup.running.admin_addr))
+        .get(format!("http://{}/healthz", app.admin_addr))
         .send()
         .await
         .expect("healthz");
     assert_eq!(healthz.status(), 200, "the process itself is alive");
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_admin_api_lists_details_and_probes_connections() {
-    let setup = start_with(Kind::Sqlite, &["acme"], "").await;
-    let base = format!("http://{}", setup.running.admin_addr);
+    let app = spawn_app(Kind::Sqlite).await;
+    let base = format!("http://{}", app.admin_addr);
     let client = reqwest::Client::new();
-    wait_for_health(
-        &setup.running,
-        "acme",
-        Health::Healthy,
-        Duration::from_secs(5),
-    )
-    .await;
+    app.wait_health("acme", Health::Healthy).await;
     let list: serde_json::Value = client
         .get(format!("{base}/api/v1/connections"))
         .send()
@@ -406,9 +321,7 @@ async fn the_admin_api_lists_details_and_probes_connections() {
         .await
         .expect("detail");
     assert_eq!(missing.status(), 404);
-    setup
-        .platform
-        .set("secret-token-acme-v1", Behaviour::Revoked);
+    app.platform.set(&token_of("acme"), Behaviour::Revoked);
     let probed: serde_json::Value = client
         .post(format!("{base}/api/v1/connections/acme/probe"))
         .send()
@@ -445,41 +358,30 @@ async fn the_admin_api_lists_details_and_probes_connections() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_platform_rate_limit_caps_the_requests_per_second() {
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
     let ids: Vec<String> = (0..20).map(|n| format!("c{n}")).collect();
-    let connections: Vec<Conn> = ids
-        .iter()
-        .map(|id| {
-            platform.set(&format!("tok-{id}"), Behaviour::Healthy);
-            Conn {
-                id,
-                platform: "makini",
-                token_file: token_file(db.path(), id, &format!("tok-{id}")),
-            }
-        })
-        .collect();
-    let text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    )
-    .replace(
-        "request_id_header = \"x-request-id\"\n",
-        "request_id_header = \"x-request-id\"\nrate_limit = 4\n",
-    );
-    let running = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("start");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let served = platform.served();
-    running.shutdown().await;
+    let app = test_app(Kind::Sqlite)
+        .connections(&ids)
+        .platform_setting("rate_limit = 4")
+        .spawn()
+        .await;
+    let started = now_millis();
+    // Until the first request past the first 3 s: then every request of those 3 s is in.
+    let times = eventually(Duration::from_secs(15), "19 requests", || async {
+        let mut times: Vec<i64> = ids
+            .iter()
+            .flat_map(|id| app.platform.request_times(&token_of(id)))
+            .collect();
+        times.sort_unstable();
+        (times.len() >= 19).then_some(times)
+    })
+    .await;
+    app.shutdown().await;
+    let served = times.iter().filter(|at| **at < started + 3_000).count();
     // 20 connections every second would be 60 requests; 4 per second (burst 4) allows ~16.
     assert!(
         served <= 18,

@@ -2,101 +2,14 @@
 
 use std::time::Duration;
 
-use crate::helpers::smtp::{SmtpOptions, SmtpServer, free_port, read_messages, test_ca};
-use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
-use connwatch::app::{self, Hooks, Running};
-use connwatch::demo::platform::{Behaviour, FakePlatform};
+use connwatch::demo::platform::Behaviour;
 use connwatch::domain::{ConnectionId, Health};
 
-const STAFF: &str = "oncall@staff.example";
+use crate::helpers::process::Daemon;
+use crate::helpers::smtp::{Received, SmtpOptions, SmtpServer, read_messages, test_ca};
+use crate::helpers::{Kind, STAFF, TestApp, TestDb, config_text, eventually, test_app, token_of};
 
-struct Setup {
-    db: TestDb,
-    platform: FakePlatform,
-    running: Running,
-}
-
-fn email_section(port: u16, extra: &str) -> String {
-    let hold = if extra.contains("hold =") {
-        ""
-    } else {
-        "hold = \"500ms\"\n"
-    };
-    let timeout = if extra.contains("timeout =") {
-        ""
-    } else {
-        "timeout = \"1s\"\n"
-    };
-    let staff = if extra.contains("staff =") {
-        String::new()
-    } else {
-        format!("staff = [\"{STAFF}\"]\n")
-    };
-    format!(
-        "\n[email]\nsmtp_url = \"smtp://127.0.0.1:{port}\"\nfrom = \"Connection Monitor <alerts@monitor.example>\"\n\
-         {staff}{timeout}{hold}{extra}\n"
-    )
-}
-
-async fn setup(kind: Kind, count: usize, smtp_port: u16, email_extra: &str) -> Setup {
-    let db = TestDb::new(kind).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    let ids: Vec<String> = (0..count)
-        .map(|n| {
-            if n == 0 {
-                "acme".to_owned()
-            } else {
-                format!("c{n}")
-            }
-        })
-        .collect();
-    let connections: Vec<Conn> = ids
-        .iter()
-        .map(|id| {
-            let token = format!("tok_SECRET_{id}");
-            platform.set(&token, Behaviour::Healthy);
-            Conn {
-                id,
-                platform: "makini",
-                token_file: token_file(db.path(), id, &token),
-            }
-        })
-        .collect();
-    let mut text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    );
-    text.push_str(&email_section(smtp_port, email_extra));
-    let running = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("start");
-    Setup {
-        db,
-        platform,
-        running,
-    }
-}
-
-async fn health(running: &Running, raw: &str) -> Option<Health> {
-    let listed = running.store.list_connections().await.ok()?;
-    listed
-        .into_iter()
-        .find(|c| c.id.as_str() == raw)
-        .map(|c| c.health)
-}
-
-async fn wait_health(running: &Running, raw: &str, wanted: Health, seconds: u64) {
-    eventually(
-        Duration::from_secs(seconds),
-        &format!("{raw} {wanted}"),
-        || async { (health(running, raw).await? == wanted).then_some(()) },
-    )
-    .await;
-}
-
-fn subjects_for(messages: &[crate::helpers::smtp::Received], recipient: &str) -> Vec<String> {
+fn subjects_for(messages: &[Received], recipient: &str) -> Vec<String> {
     messages
         .iter()
         .filter(|m| m.to.iter().any(|to| to == recipient))
@@ -104,21 +17,45 @@ fn subjects_for(messages: &[crate::helpers::smtp::Received], recipient: &str) ->
         .collect()
 }
 
+/// `acme`, `c1`, `c2`, … : `count` connection ids.
+fn fleet(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|n| {
+            if n == 0 {
+                "acme".to_owned()
+            } else {
+                format!("c{n}")
+            }
+        })
+        .collect()
+}
+
+/// Revokes the tokens of `ids` and moves the manual clock on to the next slot, then by
+/// confirm_after (200 ms): two failed probes, and the connections need reauthorization.
+async fn revoke(app: &TestApp, ids: &[&str]) {
+    for id in ids {
+        app.platform.set(&token_of(id), Behaviour::Revoked);
+    }
+    app.advance(Duration::from_secs(1));
+    for id in ids {
+        app.wait_health(id, Health::Degraded).await;
+    }
+    app.advance(Duration::from_millis(200));
+    for id in ids {
+        app.wait_health(id, Health::NeedsReauth).await;
+    }
+}
+
 #[tokio::test]
 async fn a_credential_change_sends_one_email_per_recipient_then_reminders_and_a_recovery_notice() {
-    let folder = tempfile::tempdir().expect("dir");
-    let smtp = SmtpServer::start(folder.path(), SmtpOptions::default());
-    let setup = setup(
-        Kind::Sqlite,
-        1,
-        smtp.port,
-        "reminders = [\"1500ms\", \"3s\"]",
-    )
-    .await;
-    let running = &setup.running;
-    wait_health(running, "acme", Health::Healthy, 5).await;
-    setup.platform.set("tok_SECRET_acme", Behaviour::Revoked);
-    wait_health(running, "acme", Health::NeedsReauth, 5).await;
+    let app = test_app(Kind::Sqlite)
+        .email("reminders = [\"1500ms\", \"3s\"]")
+        .spawn()
+        .await;
+    let smtp = app.smtp();
+    app.wait_health("acme", Health::Healthy).await;
+    app.platform.set(&token_of("acme"), Behaviour::Revoked);
+    app.wait_health("acme", Health::NeedsReauth).await;
     eventually(Duration::from_secs(10), "first emails", || async {
         (smtp.messages().len() >= 2).then_some(())
     })
@@ -182,9 +119,8 @@ async fn a_credential_change_sends_one_email_per_recipient_then_reminders_and_a_
             .then_some(())
     })
     .await;
-    setup.platform.set("tok_SECRET_acme_v2", Behaviour::Healthy);
-    token_file(setup.db.path(), "acme", "tok_SECRET_acme_v2");
-    wait_health(running, "acme", Health::Healthy, 5).await;
+    app.rotate_token("acme");
+    app.wait_health("acme", Health::Healthy).await;
     eventually(Duration::from_secs(10), "resolved notices", || async {
         (smtp
             .messages()
@@ -195,7 +131,8 @@ async fn a_credential_change_sends_one_email_per_recipient_then_reminders_and_a_
             .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing else is due for an hour: every email has gone out (and none again).
+    app.wait_outbox_settled(Duration::from_secs(3600)).await;
     let all = smtp.messages();
     for recipient in [customer, STAFF] {
         let mut kinds: Vec<String> = subjects_for(&all, recipient)
@@ -222,134 +159,101 @@ async fn a_credential_change_sends_one_email_per_recipient_then_reminders_and_a_
         let message_id = message.header("Message-ID").expect("Message-ID");
         assert!(message_id.ends_with("@monitor.example>"), "{message_id}");
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", running.admin_addr))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(
-        metrics.contains("connwatch_emails_total{kind=\"reauth_required\",result=\"sent\"} 2"),
-        "{metrics}"
+    assert_eq!(
+        app.metric("connwatch_emails_total{kind=\"reauth_required\",result=\"sent\"}")
+            .await,
+        2.0
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn emails_queued_while_smtp_is_down_are_delivered_exactly_once_when_it_returns() {
-    let folder = tempfile::tempdir().expect("dir");
-    let port = free_port();
-    let setup = setup(Kind::Postgres, 3, port, "").await;
-    let running = &setup.running;
-    for id in ["acme", "c1", "c2"] {
-        wait_health(running, id, Health::Healthy, 5).await;
+    let ids = fleet(3);
+    let mut app = test_app(Kind::Postgres)
+        .connections(&ids)
+        .email("")
+        .smtp_down()
+        .spawn()
+        .await;
+    for id in &ids {
+        app.wait_health(id, Health::Healthy).await;
     }
-    for id in ["acme", "c1", "c2"] {
-        setup
-            .platform
-            .set(&format!("tok_SECRET_{id}"), Behaviour::Revoked);
+    for id in &ids {
+        app.platform.set(&token_of(id), Behaviour::Revoked);
     }
-    for id in ["acme", "c1", "c2"] {
-        wait_health(running, id, Health::NeedsReauth, 5).await;
+    for id in &ids {
+        app.wait_health(id, Health::NeedsReauth).await;
     }
     // SMTP is down: attempts fail and are retried with backoff.
     eventually(Duration::from_secs(10), "failed attempts", || async {
-        let metrics = reqwest::get(format!("http://{}/metrics", running.admin_addr))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let failed: f64 = metrics
-            .lines()
-            .find(|line| {
-                line.starts_with(
-                    "connwatch_emails_total{kind=\"reauth_required\",result=\"failed\"}",
-                )
-            })?
-            .rsplit(' ')
-            .next()?
-            .parse()
-            .ok()?;
+        let failed = app
+            .metric("connwatch_emails_total{kind=\"reauth_required\",result=\"failed\"}")
+            .await;
         (failed >= 1.0).then_some(())
     })
     .await;
-    let smtp = SmtpServer::start(
-        folder.path(),
-        SmtpOptions {
-            port: Some(port),
-            ..SmtpOptions::default()
+    app.start_smtp();
+    // Every reauth email recorded as sent: none of them can go out again.
+    eventually(
+        Duration::from_secs(30),
+        "every reauth email sent",
+        || async {
+            let mut sent = 0;
+            for id in &ids {
+                for (kind, _, _, state) in app.emails_of(id).await {
+                    if kind != "reauth_required" {
+                        continue;
+                    }
+                    if state != "sent" {
+                        return None;
+                    }
+                    sent += 1;
+                }
+            }
+            (sent == 6).then_some(())
         },
-    );
-    for _ in 0..60 {
-        if smtp.messages().len() >= 6 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let states = running
-        .store
-        .emails_of(&ConnectionId::parse("acme").expect("id"))
-        .await
-        .expect("emails");
-    assert!(
-        smtp.messages().len() >= 6,
-        "{} delivered; acme: {states:?}",
-        smtp.messages().len()
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let messages = smtp.messages();
+    )
+    .await;
+    let messages = app.smtp().messages();
     assert_eq!(
         messages.len(),
         6,
         "3 customers + 3 staff copies, none twice"
     );
-    let mut ids: Vec<String> = messages
+    let mut message_ids: Vec<String> = messages
         .iter()
         .filter_map(|m| m.header("Message-ID"))
         .collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), 6);
-    setup.running.shutdown().await;
+    message_ids.sort();
+    message_ids.dedup();
+    assert_eq!(message_ids.len(), 6);
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_platform_outage_across_fifty_connections_sends_one_staff_digest_and_no_customer_email() {
-    let folder = tempfile::tempdir().expect("dir");
-    let smtp = SmtpServer::start(folder.path(), SmtpOptions::default());
-    let setup = setup(
-        Kind::Sqlite,
-        50,
-        smtp.port,
-        "hold = \"3s\"\nstorm_min_connections = 10",
-    )
-    .await;
-    let running = &setup.running;
+    let ids = fleet(50);
+    let app = test_app(Kind::Sqlite)
+        .connections(&ids)
+        .email("hold = \"3s\"\nstorm_min_connections = 10")
+        .spawn()
+        .await;
+    let smtp = app.smtp();
+    let store = &app.running.store;
     eventually(Duration::from_secs(10), "all healthy", || async {
-        let listed = running.store.list_connections().await.ok()?;
+        let listed = store.list_connections().await.ok()?;
         listed
             .iter()
             .all(|c| c.health == Health::Healthy)
             .then_some(())
     })
     .await;
-    let ids: Vec<String> = (0..50)
-        .map(|n| {
-            if n == 0 {
-                "acme".to_owned()
-            } else {
-                format!("c{n}")
-            }
-        })
-        .collect();
     for id in &ids {
-        setup
-            .platform
-            .set(&format!("tok_SECRET_{id}"), Behaviour::Revoked);
+        app.platform.set(&token_of(id), Behaviour::Revoked);
     }
     eventually(Duration::from_secs(10), "all needs_reauth", || async {
-        let listed = running.store.list_connections().await.ok()?;
+        let listed = store.list_connections().await.ok()?;
         listed
             .iter()
             .all(|c| c.health == Health::NeedsReauth)
@@ -362,11 +266,8 @@ async fn a_platform_outage_across_fifty_connections_sends_one_staff_digest_and_n
     .await;
     // The platform recovers for all but two connections.
     for id in &ids[2..] {
-        setup
-            .platform
-            .set(&format!("tok_SECRET_{id}"), Behaviour::Healthy);
-        running
-            .store
+        app.platform.set(&token_of(id), Behaviour::Healthy);
+        store
             .request_probe(&ConnectionId::parse(id).expect("id"), 0)
             .await
             .expect("probe");
@@ -377,7 +278,8 @@ async fn a_platform_outage_across_fifty_connections_sends_one_staff_digest_and_n
         || async { (smtp.messages().len() >= 5).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Nothing else is due for an hour: every email has gone out (and none again).
+    app.wait_outbox_settled(Duration::from_secs(3600)).await;
     let messages = smtp.messages();
     let digests: Vec<_> = messages
         .iter()
@@ -415,54 +317,66 @@ async fn a_platform_outage_across_fifty_connections_sends_one_staff_digest_and_n
         got, expected,
         "only the two still broken are told, once each"
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_flap_shorter_than_the_hold_sends_nothing_and_a_paused_connection_sends_nothing() {
-    let folder = tempfile::tempdir().expect("dir");
-    let smtp = SmtpServer::start(folder.path(), SmtpOptions::default());
-    let setup = setup(Kind::Sqlite, 2, smtp.port, "hold = \"4s\"").await;
-    let running = &setup.running;
-    wait_health(running, "acme", Health::Healthy, 5).await;
-    wait_health(running, "c1", Health::Healthy, 5).await;
-    setup.platform.set("tok_SECRET_acme", Behaviour::Revoked);
-    setup.platform.set("tok_SECRET_c1", Behaviour::Revoked);
-    wait_health(running, "acme", Health::NeedsReauth, 5).await;
-    wait_health(running, "c1", Health::NeedsReauth, 5).await;
+    // c2 is the control: its credentials change too, and stay changed.
+    let app = test_app(Kind::Sqlite)
+        .connections(["acme", "c1", "c2"])
+        .email("hold = \"4s\"")
+        .manual_clock()
+        .spawn()
+        .await;
+    let smtp = app.smtp();
+    app.advance(Duration::from_secs(1));
+    for id in ["acme", "c1", "c2"] {
+        app.wait_health(id, Health::Healthy).await;
+    }
+    revoke(&app, &["acme", "c1"]).await;
+    // c2's emails fall due after those of acme and c1.
+    revoke(&app, &["c2"]).await;
     // acme recovers before its first email is due; c1 is paused by an operator.
-    setup.platform.set("tok_SECRET_acme_v2", Behaviour::Healthy);
-    token_file(setup.db.path(), "acme", "tok_SECRET_acme_v2");
+    app.rotate_token("acme");
     let paused = reqwest::Client::new()
         .post(format!(
             "http://{}/api/v1/connections/c1/pause",
-            running.admin_addr
+            app.admin_addr
         ))
         .send()
         .await
         .expect("pause");
     assert_eq!(paused.status(), 200);
-    wait_health(running, "acme", Health::Healthy, 5).await;
-    assert_eq!(health(running, "c1").await, Some(Health::Paused));
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(
-        smtp.messages().is_empty(),
-        "nothing sent: {:?}",
-        smtp.messages()
+    app.wait_health("acme", Health::Healthy).await;
+    assert_eq!(app.health("c1").await, Some(Health::Paused));
+    // A minute on, every hold is over. Emails go out in the order they fell due, so
+    // once c2's have arrived, any of acme or c1 would have arrived before them.
+    app.advance(Duration::from_secs(60));
+    eventually(Duration::from_secs(10), "c2's emails", || async {
+        (smtp
+            .messages()
             .iter()
-            .map(|m| m.subject())
-            .collect::<Vec<_>>()
+            .filter(|m| m.subject().contains("Customer c2"))
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let messages = smtp.messages();
+    assert!(
+        messages.len() == 2 && messages.iter().all(|m| m.subject().contains("Customer c2")),
+        "nothing sent for acme or c1: {:?}",
+        messages.iter().map(|m| m.subject()).collect::<Vec<_>>()
     );
     assert_eq!(
-        health(running, "c1").await,
+        app.health("c1").await,
         Some(Health::Paused),
         "still probed, still paused"
     );
-    let states: Vec<String> = running
-        .store
-        .emails_of(&ConnectionId::parse("c1").expect("id"))
+    let states: Vec<String> = app
+        .emails_of("c1")
         .await
-        .expect("emails")
         .into_iter()
         .map(|(_, _, _, state)| state)
         .collect();
@@ -470,7 +384,16 @@ async fn a_flap_shorter_than_the_hold_sends_nothing_and_a_paused_connection_send
         !states.is_empty() && states.iter().all(|state| state == "cancelled"),
         "{states:?}"
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
+}
+
+/// `connwatch send-test-email --to ops@example.com` with `config`.
+fn send_test_email(config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(crate::helpers::process::BINARY)
+        .args(["send-test-email", "--to", "ops@example.com", "--config"])
+        .arg(config)
+        .output()
+        .expect("run connwatch send-test-email")
 }
 
 #[tokio::test]
@@ -502,16 +425,7 @@ async fn send_test_email_works_over_starttls_with_a_test_ca_and_refuses_clear_te
         format!("smtp://127.0.0.1:{}?tls=required", smtp.port),
         &format!("ca_file = \"{}\"", ca.display()),
     );
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_connwatch"))
-        .args([
-            "send-test-email",
-            "--to",
-            "ops@example.com",
-            "--config",
-            config.to_str().expect("utf-8"),
-        ])
-        .output()
-        .expect("run");
+    let output = send_test_email(&config);
     assert!(
         output.status.success(),
         "{}",
@@ -524,16 +438,7 @@ async fn send_test_email_works_over_starttls_with_a_test_ca_and_refuses_clear_te
 
     // Without the test CA the certificate is refused; nothing is sent in clear.
     let config = write_config(format!("smtp://127.0.0.1:{}?tls=required", smtp.port), "");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_connwatch"))
-        .args([
-            "send-test-email",
-            "--to",
-            "ops@example.com",
-            "--config",
-            config.to_str().expect("utf-8"),
-        ])
-        .output()
-        .expect("run");
+    let output = send_test_email(&config);
     assert!(!output.status.success());
     assert_eq!(smtp.messages().len(), 1);
     smtp.stop();
@@ -542,16 +447,7 @@ async fn send_test_email_works_over_starttls_with_a_test_ca_and_refuses_clear_te
     let plain_folder = folder.path().join("plain");
     let plain = SmtpServer::start(&plain_folder, SmtpOptions::default());
     let config = write_config(format!("smtp://127.0.0.1:{}?tls=required", plain.port), "");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_connwatch"))
-        .args([
-            "send-test-email",
-            "--to",
-            "ops@example.com",
-            "--config",
-            config.to_str().expect("utf-8"),
-        ])
-        .output()
-        .expect("run");
+    let output = send_test_email(&config);
     assert!(!output.status.success());
     assert!(read_messages(&plain_folder).is_empty());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -560,35 +456,18 @@ async fn send_test_email_works_over_starttls_with_a_test_ca_and_refuses_clear_te
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_between_send_and_mark_sent_loses_nothing_and_resends_with_the_same_message_id() {
-    let folder = tempfile::tempdir().expect("dir");
     // The server stores each message, then waits 2 s before answering 250.
-    let smtp = SmtpServer::start(
-        folder.path(),
-        SmtpOptions {
-            delay_secs: 2.0,
-            ..SmtpOptions::default()
-        },
-    );
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok_SECRET_acme", Behaviour::Revoked);
-    let connections = [Conn {
-        id: "acme",
-        platform: "makini",
-        token_file: token_file(db.path(), "acme", "tok_SECRET_acme"),
-    }];
-    let mut text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    );
-    text.push_str(&email_section(smtp.port, "staff = []\ntimeout = \"4s\""));
-    let config = db.path().join("connwatch.toml");
-    std::fs::write(&config, &text).expect("config");
+    let fixture = test_app(Kind::Sqlite)
+        .email("staff = []\ntimeout = \"4s\"")
+        .smtp_answering_after(Duration::from_secs(2))
+        .prepare()
+        .await;
+    fixture.platform.set(&token_of("acme"), Behaviour::Revoked);
+    let config = fixture.config_file();
+    let smtp = fixture.smtp();
     let spawn = || {
-        crate::helpers::process::Daemon(
-            std::process::Command::new(env!("CARGO_BIN_EXE_connwatch"))
+        Daemon(
+            std::process::Command::new(crate::helpers::process::BINARY)
                 .args(["run", "--config", config.to_str().expect("utf-8")])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -613,7 +492,23 @@ async fn kill_9_between_send_and_mark_sent_loses_nothing_and_resends_with_the_sa
         || async { (smtp.messages().len() >= 2).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Read beside the daemon: once the resend is recorded as sent, nothing sends it again.
+    let store = connwatch::store::Store::connect(&fixture.db.url, 1)
+        .await
+        .expect("store");
+    let id = ConnectionId::parse("acme").expect("id");
+    eventually(
+        Duration::from_secs(15),
+        "the resend recorded as sent",
+        || async {
+            let states = store.emails_of(&id).await.ok()?;
+            states
+                .iter()
+                .any(|(kind, _, _, state)| kind == "reauth_required" && state == "sent")
+                .then_some(())
+        },
+    )
+    .await;
     let _ = restarted.kill();
     let _ = restarted.wait();
     let messages = smtp.messages();
@@ -623,44 +518,32 @@ async fn kill_9_between_send_and_mark_sent_loses_nothing_and_resends_with_the_sa
         messages[1].header("Message-ID"),
         "the same Message-ID"
     );
-    let store = connwatch::store::Store::connect(&db.url, 1)
-        .await
-        .expect("store");
-    let states = store
-        .emails_of(&ConnectionId::parse("acme").expect("id"))
-        .await
-        .expect("emails");
-    assert!(
-        states
-            .iter()
-            .any(|(kind, _, _, state)| kind == "reauth_required" && state == "sent"),
-        "{states:?}"
-    );
 }
 
 #[tokio::test]
 async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
-    let folder = tempfile::tempdir().expect("dir");
-    let smtp = SmtpServer::start(folder.path(), SmtpOptions::default());
-    let setup = setup(Kind::Sqlite, 2, smtp.port, "hold = \"30s\"").await;
-    let running = &setup.running;
-    let now = crate::helpers::now_millis();
+    let app = test_app(Kind::Sqlite)
+        .connections(["acme", "c1"])
+        .email("hold = \"30s\"")
+        .spawn()
+        .await;
+    let smtp = app.smtp();
+    let store = &app.running.store;
+    let now = app.now();
     assert!(
-        !running
-            .store
+        !store
             .enqueue_daily_digest("2026-11-28", now)
             .await
             .expect("digest"),
         "nothing open, no digest"
     );
-    wait_health(running, "acme", Health::Healthy, 5).await;
-    setup.platform.set("tok_SECRET_acme", Behaviour::Revoked);
-    wait_health(running, "acme", Health::NeedsReauth, 5).await;
+    app.wait_health("acme", Health::Healthy).await;
+    app.platform.set(&token_of("acme"), Behaviour::Revoked);
+    app.wait_health("acme", Health::NeedsReauth).await;
     // The cron job calls this every minute after the configured local time; repeats (and
     // other replicas) enqueue nothing more for the same date.
     for _ in 0..3 {
-        running
-            .store
+        store
             .enqueue_daily_digest("2026-11-28", now)
             .await
             .expect("digest");
@@ -669,7 +552,8 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
         (!smtp.messages().is_empty()).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing else is due within 10 s: whatever was enqueued for the date has gone out.
+    app.wait_outbox_settled(Duration::from_secs(10)).await;
     let messages = smtp.messages();
     assert_eq!(
         messages.len(),
@@ -691,5 +575,5 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
         "{}",
         messages[0].body()
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
