@@ -4,74 +4,54 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::helpers::now_millis;
-use crate::helpers::process::{nix_kill, spawn_daemon};
-use crate::helpers::smtp::{SmtpOptions, SmtpServer};
-use crate::helpers::{Conn, Kind, TestDb, config_text, eventually, token_file};
-use connwatch::demo::platform::{Behaviour, FakePlatform};
+use connwatch::demo::platform::Behaviour;
+
+use crate::helpers::process::{BINARY, nix_kill, spawn_daemon};
+use crate::helpers::{Kind, STAFF, eventually, metric, now_millis, test_app, token_of};
 
 const CONNECTIONS: usize = 30;
 const INTERVAL_MS: i64 = 2000;
 
-async fn metric_sum(admin: &str, prefix: &str) -> f64 {
-    let Ok(response) = reqwest::get(format!("http://{admin}/metrics")).await else {
-        return 0.0;
-    };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|line| line.starts_with(prefix))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// How many replicas hold the leadership, by their own gauges.
+async fn leaders(admins: &[&str]) -> f64 {
+    let mut leaders = 0.0;
+    for admin in admins {
+        leaders += metric(admin, "connwatch_leader").await;
+    }
+    leaders
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_share_the_work_without_duplicates_and_survive_a_kill() {
-    let db = TestDb::new(Kind::Postgres).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    let mail = tempfile::tempdir().expect("dir");
-    let smtp = SmtpServer::start(mail.path(), SmtpOptions::default());
     let ids: Vec<String> = (0..CONNECTIONS).map(|n| format!("r{n:02}")).collect();
-    let connections: Vec<Conn> = ids
-        .iter()
-        .map(|id| {
-            let token = format!("tok-{id}");
-            platform.set(&token, Behaviour::Healthy);
-            Conn {
-                id,
-                platform: "makini",
-                token_file: token_file(db.path(), id, &token),
-            }
-        })
-        .collect();
-    let mut text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    )
-    .replace("interval = \"1s\"", "interval = \"2s\"");
-    text.push_str(&format!(
-        "\n[email]\nsmtp_url = \"smtp://127.0.0.1:{}\"\nfrom = \"M <alerts@monitor.example>\"\n\
-         staff = [\"oncall@staff.example\"]\nhold = \"300ms\"\ntimeout = \"2s\"\n",
-        smtp.port
-    ));
-    let config = db.path().join("connwatch.toml");
-    std::fs::write(&config, &text).expect("config");
+    let fixture = test_app(Kind::Postgres)
+        .connections(&ids)
+        .probe_interval("2s")
+        .email("hold = \"300ms\"\ntimeout = \"2s\"")
+        .prepare()
+        .await;
+    let platform = &fixture.platform;
+    let smtp = fixture.smtp();
+    let config = fixture.config_file();
     // Migrate once, then start three replicas.
-    let migrated = std::process::Command::new(crate::helpers::process::BINARY)
+    let migrated = std::process::Command::new(BINARY)
         .args(["migrate", "--config", config.to_str().expect("utf-8")])
         .status()
         .expect("migrate");
     assert!(migrated.success());
     let mut replicas: Vec<_> = (0..3).map(|_| spawn_daemon(&config)).collect();
     let started = now_millis();
-    tokio::time::sleep(Duration::from_secs(10)).await;
 
-    // Shares of the probing, from each replica's own counter.
-    let mut shares = Vec::new();
-    for (_, _, admin) in &replicas {
-        shares.push(metric_sum(admin, "connwatch_probes_total{").await);
-    }
+    // Shares of the probing, from each replica's own counter, once the fleet has been
+    // probed four times over.
+    let shares = eventually(Duration::from_secs(30), "four rounds of probes", || async {
+        let mut shares = Vec::new();
+        for (_, _, admin) in &replicas {
+            shares.push(metric(admin, "connwatch_probes_total{").await);
+        }
+        (shares.iter().sum::<f64>() >= 4.0 * CONNECTIONS as f64).then_some(shares)
+    })
+    .await;
     let total: f64 = shares.iter().sum();
     // Even shares are a benchmark target on a quiet machine (bench/); under a loaded test
     // run the check is that every replica takes part.
@@ -82,15 +62,19 @@ async fn three_replicas_share_the_work_without_duplicates_and_survive_a_kill() {
             "every replica takes a share: {shares:?}"
         );
     }
-    let mut leaders = 0.0;
-    for (_, _, admin) in &replicas {
-        leaders += metric_sum(admin, "connwatch_leader").await;
-    }
-    assert_eq!(leaders, 1.0, "exactly one replica runs the once-only jobs");
+    let admins: Vec<&str> = replicas
+        .iter()
+        .map(|(_, _, admin)| admin.as_str())
+        .collect();
+    assert_eq!(
+        leaders(&admins).await,
+        1.0,
+        "exactly one replica runs the once-only jobs"
+    );
 
     // Three customers' credentials change: one email per recipient, whichever replica.
     for id in &ids[..3] {
-        platform.set(&format!("tok-{id}"), Behaviour::Revoked);
+        platform.set(&token_of(id), Behaviour::Revoked);
     }
     eventually(Duration::from_secs(20), "six reauth emails", || async {
         (smtp.messages().len() >= 6).then_some(())
@@ -102,12 +86,33 @@ async fn three_replicas_share_the_work_without_duplicates_and_survive_a_kill() {
     nix_kill(victim.id(), "KILL");
     let _ = victim.wait();
     let killed_at = now_millis();
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let mut leaders = 0.0;
-    for (_, _, admin) in &replicas {
-        leaders += metric_sum(admin, "connwatch_leader").await;
-    }
-    assert_eq!(leaders, 1.0, "leadership survives the kill");
+    // Its leases expire; every connection is probed again well after the kill.
+    eventually(
+        Duration::from_secs(30),
+        "every connection probed 8 s after the kill",
+        || async {
+            ids[3..]
+                .iter()
+                .all(|id| {
+                    platform
+                        .request_times(&token_of(id))
+                        .iter()
+                        .any(|at| *at > killed_at + 8_000)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let admins: Vec<&str> = replicas
+        .iter()
+        .map(|(_, _, admin)| admin.as_str())
+        .collect();
+    eventually(
+        Duration::from_secs(15),
+        "leadership to survive the kill (one leader)",
+        || async { (leaders(&admins).await == 1.0).then_some(()) },
+    )
+    .await;
     for (mut child, _, _) in replicas {
         nix_kill(child.id(), "TERM");
         let _ = child.wait();
@@ -120,11 +125,7 @@ async fn three_replicas_share_the_work_without_duplicates_and_survive_a_kill() {
             *per_recipient.entry(to.clone()).or_default() += 1;
         }
     }
-    assert_eq!(
-        per_recipient.get("oncall@staff.example"),
-        Some(&3),
-        "{per_recipient:?}"
-    );
+    assert_eq!(per_recipient.get(STAFF), Some(&3), "{per_recipient:?}");
     for id in &ids[..3] {
         assert_eq!(
             per_recipient.get(&format!("it@{id}.example")),
@@ -134,7 +135,7 @@ async fn three_replicas_share_the_work_without_duplicates_and_survive_a_kill() {
     }
 
     for id in &ids[3..] {
-        let times = platform.request_times(&format!("tok-{id}"));
+        let times = platform.request_times(&token_of(id));
         let gaps: Vec<i64> = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
         // Two probes closer than 3/4 of the interval would be a duplicate claim. The one
         // exception: after a probe delayed by the killed replica's lease, the next one

@@ -146,6 +146,21 @@ impl AppBuilder {
         self
     }
 
+    /// A line for `[server]`.
+    pub fn server_setting(mut self, line: &str) -> AppBuilder {
+        self.server_settings.push_str(line);
+        self.server_settings.push('\n');
+        self
+    }
+
+    /// Sections of their own at the end of the config.
+    pub fn extra_config(mut self, text: &str) -> AppBuilder {
+        self.extra_config.push('\n');
+        self.extra_config.push_str(text);
+        self.extra_config.push('\n');
+        self
+    }
+
     /// Emails through a real SMTP server; `extra` lines for `[email]` (staff, a 500 ms
     /// hold and a 1 s timeout unless they set their own).
     pub fn email(mut self, extra: &str) -> AppBuilder {

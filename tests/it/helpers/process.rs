@@ -79,6 +79,17 @@ pub fn spawn_daemon_with(
     (Daemon(child), log, addresses)
 }
 
+/// A connection's health as the daemon's admin API at `admin` reports it.
+pub async fn api_health(admin: &str, id: &str) -> Option<String> {
+    let detail: serde_json::Value = reqwest::get(format!("http://{admin}/api/v1/connections/{id}"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    detail["health"].as_str().map(str::to_owned)
+}
+
 pub fn strip_ansi(text: &str) -> String {
     let mut plain = String::with_capacity(text.len());
     let mut chars = text.chars();
