@@ -34,37 +34,13 @@ async fn main() -> anyhow::Result<()> {
         let mailbox = Mailbox::start().await?;
         platform.set("tok-acme", Behaviour::Healthy);
         std::fs::write(folder.join("acme.token"), "tok-acme")?;
-        let text = format!(
-            r#"
-[store]
-url = "sqlite://{db}"
-[server]
-admin = "127.0.0.1:0"
-[probe]
-interval = "{interval}"
-timeout = "2s"
-confirm_after = "{confirm_after}"
-failure_threshold = 2
-[platforms.makini]
-base_url = "{base}"
-probe = {{ path = "/v1/connection" }}
-auth_failure_codes = ["AUTHENTICATION_FAILED"]
-request_id_header = "x-request-id"
-[email]
-smtp_url = "smtp://127.0.0.1:{port}?tls=none"
-from = "Monitor <alerts@example.com>"
-hold = "{hold}"
-[[connections]]
-id = "acme"
-platform = "makini"
-token = {{ file = "{token}" }}
-contacts = ["it@acme.example"]
-reconnect_url = "https://app.example.com/reconnect/acme"
-"#,
-            db = folder.join("connwatch.db").display(),
-            base = platform.base_url(),
-            port = mailbox.port,
-            token = folder.join("acme.token").display(),
+        let text = config_text(
+            &folder,
+            &platform,
+            mailbox.port,
+            &interval,
+            &confirm_after,
+            &hold,
         );
         let config = Config::parse(&text).map_err(|problems| anyhow::anyhow!("{problems:?}"))?;
         let running = app::start(config, Hooks::default()).await?;
@@ -114,4 +90,47 @@ fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
         std::env::temp_dir().join(format!("connwatch-latency-{:08x}", rand::random::<u32>()));
     std::fs::create_dir(&path)?;
     Ok(path)
+}
+
+/// The daemon's config for one run: one connection, a token file, the SMTP sink.
+fn config_text(
+    folder: &std::path::Path,
+    platform: &FakePlatform,
+    port: u16,
+    interval: &str,
+    confirm_after: &str,
+    hold: &str,
+) -> String {
+    format!(
+        r#"
+[store]
+url = "sqlite://{db}"
+[server]
+admin = "127.0.0.1:0"
+[probe]
+interval = "{interval}"
+timeout = "2s"
+confirm_after = "{confirm_after}"
+failure_threshold = 2
+[platforms.makini]
+base_url = "{base}"
+probe = {{ path = "/v1/connection" }}
+auth_failure_codes = ["AUTHENTICATION_FAILED"]
+request_id_header = "x-request-id"
+[email]
+smtp_url = "smtp://127.0.0.1:{port}?tls=none"
+from = "Monitor <alerts@example.com>"
+hold = "{hold}"
+[[connections]]
+id = "acme"
+platform = "makini"
+token = {{ file = "{token}" }}
+contacts = ["it@acme.example"]
+reconnect_url = "https://app.example.com/reconnect/acme"
+"#,
+        db = folder.join("connwatch.db").display(),
+        base = platform.base_url(),
+        port = port,
+        token = folder.join("acme.token").display(),
+    )
 }

@@ -16,8 +16,8 @@ use crate::alert::Mailer;
 use crate::alert::dispatch::Dispatcher;
 use crate::alert::templates::Templates;
 use crate::clock::Clock;
+use crate::config::Config;
 use crate::config::secret::FileStamp;
-use crate::config::{Config, EmailConfig};
 use crate::domain::ConnectionId;
 use crate::jobs::CronJobs;
 use crate::leader::Leadership;
@@ -25,9 +25,10 @@ use crate::metrics::Metrics;
 use crate::poll::Poller;
 use crate::probe::Prober;
 use crate::relay::Relay;
+use crate::rules::{Rules, SharedRules};
 use crate::schedule::{Event, Roster, Scheduler};
 use crate::server::{AdminState, admin_router};
-use crate::store::{MailPolicy, Store, SyncConnection};
+use crate::store::{Store, SyncConnection};
 use crate::webhook::{self, WebhookState};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -94,8 +95,6 @@ pub async fn open_store_with(
             .context("cannot own the store (store.url)")?;
     }
     store.migrate().await.context("cannot migrate the store")?;
-    // Every writer plans emails, the daemon and one-shot commands (`probe`) alike.
-    store.set_mail_policy(config.email.as_ref().map(mail_policy));
     Ok(store)
 }
 
@@ -108,30 +107,6 @@ pub fn prepare_email(config: &Config) -> anyhow::Result<Option<(Mailer, Template
         .map_err(|message| anyhow::anyhow!("email.templates: {message}"))?;
     let mailer = Mailer::new(email)?;
     Ok(Some((mailer, templates)))
-}
-
-/// What the outbox needs to plan emails inside the store's transactions.
-pub fn mail_policy(email: &EmailConfig) -> MailPolicy {
-    let domain = email
-        .from
-        .parse::<lettre::message::Mailbox>()
-        .map(|mailbox| mailbox.email.domain().to_owned())
-        .unwrap_or_else(|_| "connwatch.invalid".to_owned());
-    MailPolicy {
-        staff: email
-            .staff
-            .iter()
-            .map(|address| address.as_str().to_owned())
-            .collect(),
-        reminders: email
-            .reminders
-            .iter()
-            .map(|delay| crate::domain::time::millis(*delay))
-            .collect(),
-        send_resolved: email.send_resolved,
-        hold: crate::domain::time::millis(email.hold),
-        domain,
-    }
 }
 
 /// Writes the configured connections into the store.
@@ -206,6 +181,7 @@ pub fn build_scheduler(
         config.probe.clone(),
         events,
         clock,
+        SharedRules::new(Rules::from_config(config)),
     ))
 }
 
@@ -241,6 +217,8 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         scheduler: scheduler.clone(),
         metrics: metrics.clone(),
         admin_token,
+        allowed_hosts: crate::server::default_allowed_hosts(admin_addr).map(Arc::new),
+        forced: Arc::default(),
     });
     let mut background = Vec::new();
     background.push(tokio::spawn(leadership.clone().run(
@@ -265,6 +243,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             metrics.clone(),
             events.clone(),
             hooks.clock.clone(),
+            scheduler.rules().clone(),
         )
         .context("cannot load the webhook secrets")?;
         let listener = tokio::net::TcpListener::bind(address)
@@ -321,6 +300,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
             owner: scheduler.owner().to_owned(),
             leadership: leadership.clone(),
             clock: hooks.clock.clone(),
+            rules: scheduler.rules().clone(),
         };
         background.push(tokio::spawn(dispatcher.run(cancel.clone())));
     }
@@ -345,14 +325,12 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         on_tick,
     ));
     let cron = CronJobs::start(
+        &config,
         store.clone(),
         metrics.clone(),
-        &config.store.prune_schedule,
-        config.store.retention,
-        config.webhooks.clone(),
-        config.email.as_ref().and_then(|email| email.daily_digest),
         leadership.clone(),
         hooks.clock.clone(),
+        scheduler.rules().clone(),
     )
     .await
     .context("cannot start the pruning job (store.prune_schedule)")?;
@@ -420,8 +398,7 @@ impl Running {
         }
         self.scheduler.reconfigure(prober, config.probe.clone());
         self.scheduler.set_roster(Roster::new(&config.connections));
-        self.store
-            .set_mail_policy(config.email.as_ref().map(mail_policy));
+        self.scheduler.rules().replace(Rules::from_config(&config));
         sync_connections(&self.store, &self.scheduler, &config).await?;
         let now = self.scheduler.clock().now();
         for connection in &config.connections {

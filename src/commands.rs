@@ -230,7 +230,7 @@ pub async fn send_test_email(
     crate::domain::EmailAddress::parse(to).map_err(anyhow::Error::msg)?;
     let (mailer, _) =
         crate::app::prepare_email(config)?.context("the config has no [email] section")?;
-    let domain = crate::app::mail_policy(settings).domain;
+    let domain = crate::rules::email::from_domain(&settings.from);
     let rendered = crate::alert::templates::Rendered {
         subject: "connwatch test email".to_owned(),
         text: format!(

@@ -10,44 +10,59 @@ use std::time::Duration;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
 use crate::clock::Clock;
-use crate::config::WebhooksConfig;
+use crate::config::Config;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
+use crate::rules::SharedRules;
 use crate::store::Store;
 
 /// The running cron jobs.
 pub struct CronJobs {
     scheduler: JobScheduler,
     busy: Vec<Arc<AtomicBool>>,
+    metrics: Metrics,
+    clock: Clock,
+    /// Once-only work runs on the leader.
+    leadership: Leadership,
 }
 
 impl CronJobs {
-    /// Starts the nightly pruning of probe history older than `retention`.
+    /// Starts the pruning of history older than `[store] retention` on
+    /// `[store] prune_schedule`, and the daily digest when `[email] daily_digest` is set.
     pub async fn start(
+        config: &Config,
         store: Store,
         metrics: Metrics,
-        prune_schedule: &str,
-        retention: Duration,
-        webhooks: WebhooksConfig,
-        daily_digest: Option<(u32, u32)>,
         leadership: Leadership,
         clock: Clock,
+        rules: SharedRules,
     ) -> Result<CronJobs, JobSchedulerError> {
-        let scheduler = JobScheduler::new().await?;
         let mut jobs = CronJobs {
-            scheduler,
+            scheduler: JobScheduler::new().await?,
             busy: Vec::new(),
+            metrics,
+            clock,
+            leadership,
         };
-        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
-        let store_for_digest = store.clone();
-        let digest_metrics = metrics.clone();
-        let prune_leadership = leadership.clone();
-        let prune_clock = clock.clone();
-        jobs.add("prune", prune_schedule, metrics, clock.clone(), move || {
+        jobs.add_prune(config, store.clone()).await?;
+        if let Some((hour, minute)) = config.email.as_ref().and_then(|email| email.daily_digest) {
+            jobs.add_daily_digest(hour, minute, store, rules).await?;
+        }
+        jobs.scheduler.start().await?;
+        Ok(jobs)
+    }
+
+    /// Prunes probe history, webhook ids and relayed changes past their retention.
+    async fn add_prune(&mut self, config: &Config, store: Store) -> Result<(), JobSchedulerError> {
+        let retention_ms = crate::domain::time::millis(config.store.retention);
+        let webhook_retention = crate::domain::time::millis(config.webhooks.retention);
+        let overlap = crate::domain::time::millis(config.webhooks.overlap);
+        let clock = self.clock.clone();
+        let leadership = self.leadership.clone();
+        self.add("prune", &config.store.prune_schedule, move || {
             let store = store.clone();
-            let now = prune_clock.now();
-            let webhooks = webhooks.clone();
-            let leader = prune_leadership.is_leader();
+            let now = clock.now();
+            let leader = leadership.is_leader();
             async move {
                 if !leader {
                     return;
@@ -56,8 +71,6 @@ impl CronJobs {
                     Ok(deleted) => tracing::info!(deleted, "pruned probe history"),
                     Err(error) => tracing::error!(%error, "pruning failed; next run retries"),
                 }
-                let webhook_retention = crate::domain::time::millis(webhooks.retention);
-                let overlap = crate::domain::time::millis(webhooks.overlap);
                 match store.prune_webhooks(now - webhook_retention, overlap).await {
                     Ok(deleted) => tracing::info!(deleted, "pruned webhook ids"),
                     Err(error) => {
@@ -66,58 +79,51 @@ impl CronJobs {
                 }
             }
         })
-        .await?;
-        if let Some((hour, minute)) = daily_digest {
-            let digest_store = store_for_digest;
-            // Every minute in UTC, the job compares the *local* wall clock with the
-            // configured time; the digest is keyed by local date, so DST shifts neither
-            // skip nor repeat it, and several replicas enqueue it once.
-            let digest_clock = clock.clone();
-            jobs.add(
-                "daily_digest",
-                "0 * * * * *",
-                digest_metrics,
-                clock,
-                move || {
-                    let store = digest_store.clone();
-                    let now = digest_clock.now();
-                    let leader = leadership.is_leader();
-                    async move {
-                        if !leader {
-                            return;
-                        }
-                        let local = chrono::Local::now();
-                        let due = chrono::Timelike::hour(&local) * 60
-                            + chrono::Timelike::minute(&local)
-                            >= hour * 60 + minute;
-                        if !due {
-                            return;
-                        }
-                        let date = local.format("%Y-%m-%d").to_string();
-                        match store.enqueue_daily_digest(&date, now).await {
-                            Ok(true) => {
-                                tracing::debug!(%date, "daily digest enqueued (once per date)")
-                            }
-                            Ok(false) => {}
-                            Err(error) => {
-                                tracing::error!(%error, "cannot enqueue the daily digest")
-                            }
-                        }
-                    }
-                },
-            )
-            .await?;
-        }
-        jobs.scheduler.start().await?;
-        Ok(jobs)
+        .await
+    }
+
+    /// Every minute in UTC, compares the *local* wall clock with the configured time; the
+    /// digest is keyed by local date, so DST shifts neither skip nor repeat it, and several
+    /// replicas enqueue it once.
+    async fn add_daily_digest(
+        &mut self,
+        hour: u32,
+        minute: u32,
+        store: Store,
+        rules: SharedRules,
+    ) -> Result<(), JobSchedulerError> {
+        let clock = self.clock.clone();
+        let leadership = self.leadership.clone();
+        self.add("daily_digest", "0 * * * * *", move || {
+            let store = store.clone();
+            let now = clock.now();
+            let rules = rules.current();
+            let leader = leadership.is_leader();
+            async move {
+                let local = chrono::Local::now();
+                let due = chrono::Timelike::hour(&local) * 60 + chrono::Timelike::minute(&local)
+                    >= hour * 60 + minute;
+                if !leader || !due {
+                    return;
+                }
+                let date = local.format("%Y-%m-%d").to_string();
+                let Some(digest) = rules.daily_digest(&date, now) else {
+                    return;
+                };
+                match store.enqueue_daily_digest(&date, &digest, now).await {
+                    Ok(true) => tracing::debug!(%date, "daily digest enqueued (once per date)"),
+                    Ok(false) => {}
+                    Err(error) => tracing::error!(%error, "cannot enqueue the daily digest"),
+                }
+            }
+        })
+        .await
     }
 
     async fn add<F, Fut>(
         &mut self,
         name: &'static str,
         schedule: &str,
-        metrics: Metrics,
-        clock: Clock,
         run: F,
     ) -> Result<(), JobSchedulerError>
     where
@@ -127,6 +133,8 @@ impl CronJobs {
         let busy = Arc::new(AtomicBool::new(false));
         self.busy.push(busy.clone());
         let run = Arc::new(run);
+        let metrics = self.metrics.clone();
+        let clock = self.clock.clone();
         let job = Job::new_async(schedule, move |_id, _scheduler| {
             let busy = busy.clone();
             let metrics = metrics.clone();

@@ -1,24 +1,62 @@
 //! connwatch: watches customer connections on unified integration platforms.
 //!
-//! Modules in reading order: the vocabulary, the config, the pure judgement, then the
-//! parts that do I/O, and finally the assembly.
+//! Modules in reading order (ARCHITECTURE.md has the map): the vocabulary, time, the
+//! config, the pure judgement, the store, the parts that do I/O, and the assembly. Each
+//! line is its own group so that rustfmt keeps this order.
 
-pub mod alert;
-pub mod app;
-pub mod classify;
-pub mod clock;
-pub mod commands;
-pub mod config;
-pub mod demo;
+/// Ids, outcomes, health, transitions, email kinds, time helpers. No I/O.
 pub mod domain;
-pub mod jobs;
-pub mod leader;
-pub mod metrics;
-pub mod poll;
-pub mod probe;
-pub mod relay;
-pub mod schedule;
-pub mod server;
-pub mod service;
+
+/// The only reader of "now".
+pub mod clock;
+
+/// The config: parsed, validated, every problem with its key.
+pub mod config;
+
+/// Every judgement, pure: health, incidents, emails, storms.
+pub mod rules;
+
+/// The only place with SQL; persists what the rules decided.
 pub mod store;
+
+/// Every metric name and help text.
+pub mod metrics;
+
+/// The HTTP side of a probe.
+pub mod probe;
+
+/// Who is due; probes them; batches the results into the store.
+pub mod schedule;
+
+/// The webhook listener: verify, parse, store, answer.
 pub mod webhook;
+
+/// Quiet connections polled for the changes no webhook delivered.
+pub mod poll;
+
+/// Recovered changes handed on, signed.
+pub mod relay;
+
+/// Emails from the outbox: templates, SMTP, the dispatcher.
+pub mod alert;
+
+/// The admin listener: API, health checks, metrics.
+pub mod server;
+
+/// Wall-clock jobs (pruning, daily digest).
+pub mod jobs;
+
+/// Which replica runs the once-only work.
+pub mod leader;
+
+/// Assembles the daemon; runs until cancelled.
+pub mod app;
+
+/// `connwatch run` under systemd: signals and notifications.
+pub mod service;
+
+/// The one-shot commands: check-config, migrate, status, probe, send-test-email.
+pub mod commands;
+
+/// `connwatch demo`: a self-contained tour.
+pub mod demo;

@@ -129,7 +129,7 @@ impl Prober {
                 .await
             }
         };
-        match sent {
+        let mut report = match sent {
             Ok(answer) => read_answer(
                 config,
                 answer.status,
@@ -138,7 +138,11 @@ impl Prober {
                 answer.latency_ms,
             ),
             Err(report) => report,
-        }
+        };
+        // Platforms echo tokens (in messages, codes, request ids): nothing a platform said
+        // goes further with the token in it.
+        report.redact(&[token.expose_secret()]);
+        report
     }
 
     /// One authenticated request to a platform (probe or poll), under its concurrency cap.
@@ -273,6 +277,47 @@ fn transport_failure(error: &reqwest::Error, latency_ms: i64) -> ProbeReport {
     }
 }
 
+/// The outcome of a complete answer, and a description when the answer alone does not
+/// explain it. `reauth`: the profile's reauthorization state of a success (`Err`: the
+/// answer was not JSON), `None` when the profile reads none.
+fn outcome_of(
+    platform: &PlatformConfig,
+    status: u16,
+    code_is_auth: bool,
+    reauth: Option<Result<Option<String>, ()>>,
+) -> (Outcome, Option<String>) {
+    if platform.auth_failure_status.contains(&status) || code_is_auth {
+        return (Outcome::AuthFailed, None);
+    }
+    if (200..300).contains(&status) {
+        return match reauth {
+            Some(Err(())) => (
+                Outcome::InvalidResponse,
+                Some("answer is not JSON".to_owned()),
+            ),
+            Some(Ok(Some(state))) if platform.reauth_values.contains(&state) => (
+                Outcome::AuthFailed,
+                Some("platform reports reauthorization required".to_owned()),
+            ),
+            Some(Ok(_)) | None => (Outcome::Ok, None),
+        };
+    }
+    if status == 429 {
+        (Outcome::RateLimited, None)
+    } else if (300..400).contains(&status) {
+        (
+            Outcome::InvalidResponse,
+            Some(format!(
+                "redirect ({status}) not followed; fix the probe path or base_url"
+            )),
+        )
+    } else if status >= 500 {
+        (Outcome::ServerError, None)
+    } else {
+        (Outcome::ClientError, None)
+    }
+}
+
 /// Classifies a complete answer. Pure; the profile says where codes live.
 pub fn read_answer(
     platform: &PlatformConfig,
@@ -318,38 +363,28 @@ pub fn read_answer(
             .iter()
             .any(|listed| listed == code)
     });
-    let outcome = if platform.auth_failure_status.contains(&status) || code_is_auth {
-        Outcome::AuthFailed
-    } else if (200..300).contains(&status) {
-        match &platform.reauth_pointer {
-            Some(_) if json.is_none() => {
-                message.get_or_insert_with(|| "answer is not JSON".to_owned());
-                Outcome::InvalidResponse
+    // What the answer says about the credentials: `None` when the profile does not ask.
+    let reauth = platform.reauth_pointer.as_ref().map(|_| match &json {
+        None => Err(()),
+        Some(_) => Ok(text_at(&platform.reauth_pointer)),
+    });
+    let (outcome, detail) = outcome_of(platform, status, code_is_auth, reauth);
+    if let Some(detail) = detail {
+        match outcome {
+            // A redirect's explanation replaces whatever the body said.
+            Outcome::InvalidResponse if (300..400).contains(&status) => message = Some(detail),
+            Outcome::Ok
+            | Outcome::AuthFailed
+            | Outcome::RateLimited
+            | Outcome::ServerError
+            | Outcome::ClientError
+            | Outcome::Timeout
+            | Outcome::NetworkError
+            | Outcome::InvalidResponse => {
+                message.get_or_insert(detail);
             }
-            Some(_) => {
-                let state = text_at(&platform.reauth_pointer);
-                if state.is_some_and(|state| platform.reauth_values.contains(&state)) {
-                    message
-                        .get_or_insert_with(|| "platform reports reauthorization required".into());
-                    Outcome::AuthFailed
-                } else {
-                    Outcome::Ok
-                }
-            }
-            None => Outcome::Ok,
         }
-    } else if status == 429 {
-        Outcome::RateLimited
-    } else if (300..400).contains(&status) {
-        message = Some(format!(
-            "redirect ({status}) not followed; fix the probe path or base_url"
-        ));
-        Outcome::InvalidResponse
-    } else if status >= 500 {
-        Outcome::ServerError
-    } else {
-        Outcome::ClientError
-    };
+    }
     let retry_after_secs = match outcome {
         Outcome::RateLimited | Outcome::ServerError => retry_after_secs,
         Outcome::Ok

@@ -1,6 +1,6 @@
 //! The deadline loop: who is due, spread evenly over the interval, claimed with leases.
 //!
-//! tick -> store.claim_due -> probe (network) -> classify (pure) -> writer batches
+//! tick -> store.claim_due -> probe (network) -> rules (pure) -> writer batches
 //! -> store.record_probes (one transaction) -> metrics and events.
 
 use std::collections::HashMap;
@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::classify::{Policy, classify};
 use crate::clock::Clock;
 use crate::config::{ConnectionConfig, ProbeConfig, SecretError, SecretRef};
 use crate::domain::time::millis;
 use crate::domain::{ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
+use crate::rules::{Event as RuleEvent, SharedRules};
 use crate::store::{Claimed, ProbeRecord, Store, StoreError};
 
 /// Time between loop turns when nothing more is due.
@@ -83,6 +83,7 @@ pub struct Scheduler {
     last_tick: Arc<AtomicI64>,
     tokens: Arc<TokenCache>,
     clock: Clock,
+    rules: SharedRules,
 }
 
 /// Tokens read once and kept until their file changes: the token watcher stats every
@@ -139,6 +140,7 @@ impl Scheduler {
         settings: ProbeConfig,
         events: broadcast::Sender<Event>,
         clock: Clock,
+        rules: SharedRules,
     ) -> Scheduler {
         let owner = format!(
             "{}-{}-{:08x}",
@@ -157,17 +159,14 @@ impl Scheduler {
             last_tick: Arc::new(AtomicI64::new(clock.now())),
             tokens: Arc::default(),
             clock,
+            rules,
         }
     }
 
-    pub fn policy(&self) -> Policy {
-        let settings = self.settings();
-        Policy {
-            failure_threshold: settings.failure_threshold,
-            unreachable_threshold: settings.unreachable_threshold,
-            confirm_after: millis(settings.confirm_after),
-            reauth_backoff: millis(settings.reauth_backoff),
-        }
+    /// The rules every judgement follows (shared with the webhook writer, the poller, the
+    /// dispatcher and the admin API; a reload replaces them).
+    pub fn rules(&self) -> &SharedRules {
+        &self.rules
     }
 
     /// The probe settings in force.
@@ -341,7 +340,11 @@ impl Scheduler {
         self.metrics.probes_in_flight.dec();
         let now = self.clock.now();
         let regular_due = next_slot(&claim.id, now, millis(self.settings().interval));
-        let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
+        let event = RuleEvent::Probe {
+            report: &report,
+            regular_due,
+        };
+        let verdict = self.rules.current().judge(&claim.state, event, now);
         ProbeRecord {
             id: claim.id,
             at: now,
@@ -485,7 +488,11 @@ impl Scheduler {
         let claim = self.claim_now(id).await?;
         let now = self.clock.now();
         let regular_due = next_slot(&claim.id, now, millis(self.settings().interval));
-        let verdict = classify(&claim.state, &report, &self.policy(), now, regular_due);
+        let event = RuleEvent::Probe {
+            report: &report,
+            regular_due,
+        };
+        let verdict = self.rules.current().judge(&claim.state, event, now);
         let record = ProbeRecord {
             id: claim.id,
             at: now,

@@ -10,14 +10,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Mailer;
-use super::templates::{Audience, Templates, escape_html};
+use super::templates::{Templates, escape_html};
 use crate::clock::Clock;
 use crate::config::EmailConfig;
 use crate::domain::time;
 use crate::domain::time::millis;
 use crate::metrics::Metrics;
 use crate::relay::backoff_ms;
-use crate::store::{EmailJob, Store, StormChange};
+use crate::rules::{SharedRules, StormDecision};
+use crate::store::{EmailJob, Store, UnreadableEmail};
 
 /// Emails claimed per turn.
 const EMAIL_BATCH: u32 = 2;
@@ -34,6 +35,8 @@ pub struct Dispatcher {
     pub leadership: crate::leader::Leadership,
     /// Where the dispatcher reads the time.
     pub clock: Clock,
+    /// Storms and follow-up emails are judged by these.
+    pub rules: SharedRules,
 }
 
 impl Dispatcher {
@@ -68,8 +71,13 @@ impl Dispatcher {
                 if cancel.is_cancelled() || self.clock.now() + per_send > lease_until {
                     break;
                 }
-                let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
-                self.deliver(job).instrument(span).await;
+                match job {
+                    Ok(job) => {
+                        let span = tracing::info_span!("email", connection_id = ?job.connection_id, kind = %job.kind);
+                        self.deliver(job).instrument(span).await;
+                    }
+                    Err(unreadable) => self.fail_unreadable(unreadable).await,
+                }
             }
             if self.leadership.is_leader() {
                 self.refresh_gauges().await;
@@ -87,27 +95,25 @@ impl Dispatcher {
     }
 
     async fn check_storms(&self, now: i64) {
-        let changes = self
+        let rules = self.rules.current();
+        let window = rules.storm.map(|storm| storm.window).unwrap_or_default();
+        let decisions = self
             .store
-            .update_storms(
-                now,
-                millis(self.settings.storm_window),
-                i64::from(self.settings.storm_min_connections),
-                self.settings.storm_share,
-            )
+            .update_storms(now, now - window, |platforms| rules.storms(platforms, now))
             .await;
-        match changes {
-            Ok(changes) => {
-                for change in changes {
-                    match change {
-                        StormChange::Began {
+        match decisions {
+            Ok(decisions) => {
+                for decision in decisions {
+                    match decision {
+                        StormDecision::Begin {
                             platform,
                             connections,
+                            ..
                         } => tracing::warn!(
                             %platform, connections,
                             "many connections of one platform failing at once: staff digest sent, customer emails held"
                         ),
-                        StormChange::Ended { platform } => tracing::info!(
+                        StormDecision::End { platform } => tracing::info!(
                             %platform, "platform storm over: held emails of connections still broken are released"
                         ),
                     }
@@ -123,9 +129,26 @@ impl Dispatcher {
         }
     }
 
+    /// An outbox row that cannot be sent as stored: logged, counted and failed for good
+    /// (never sent as a guess).
+    async fn fail_unreadable(&self, unreadable: UnreadableEmail) {
+        self.metrics
+            .store_errors
+            .with_label_values(&["unreadable_email"])
+            .inc();
+        tracing::error!(email_id = unreadable.id, error = %unreadable.error, "outbox row unreadable; failed");
+        let reason = unreadable.error.to_string();
+        if let Err(error) = self
+            .store
+            .mark_email_failed(unreadable.id, &self.owner, &reason, None)
+            .await
+        {
+            tracing::error!(%error, "cannot record the email's failure");
+        }
+    }
+
     async fn deliver(&self, job: EmailJob) {
-        let audience = Audience::parse(&job.audience).unwrap_or(Audience::Staff);
-        let Some(rendered) = self.templates.render(&job.kind, audience, &values(&job)) else {
+        let Some(rendered) = self.templates.render(job.kind, job.audience, &values(&job)) else {
             tracing::error!(kind = %job.kind, audience = %job.audience, "no template; email failed");
             let _ = self
                 .store
@@ -139,10 +162,12 @@ impl Dispatcher {
             .await;
         let now = self.clock.now();
         let (result, stored) = match sent {
-            Ok(()) => (
-                "sent",
-                self.store.mark_email_sent(job.id, &self.owner, now).await,
-            ),
+            Ok(()) => ("sent", {
+                let follow_up = self.rules.current().after_opening_sent(now);
+                self.store
+                    .mark_email_sent(job.id, &self.owner, now, follow_up.as_ref())
+                    .await
+            }),
             Err(failure) if failure.permanent => {
                 tracing::error!(reason = %failure.message, "SMTP refused the email for good");
                 (

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use crate::domain::Audience;
+pub use crate::domain::{Audience, EmailKind};
 
 /// Placeholders any template may use.
 const SHARED: &[&str] = &[
@@ -24,15 +24,15 @@ const SHARED: &[&str] = &[
 const STAFF_ONLY: &[&str] = &["last_message", "remote_id", "title", "connections", "count"];
 
 /// Every (kind, audience) that has templates.
-pub const TEMPLATES: &[(&str, Audience)] = &[
-    ("reauth_required", Audience::Customer),
-    ("reauth_required", Audience::Staff),
-    ("reminder", Audience::Customer),
-    ("reminder", Audience::Staff),
-    ("resolved", Audience::Customer),
-    ("resolved", Audience::Staff),
-    ("unreachable", Audience::Staff),
-    ("staff_digest", Audience::Staff),
+pub const TEMPLATES: &[(EmailKind, Audience)] = &[
+    (EmailKind::ReauthRequired, Audience::Customer),
+    (EmailKind::ReauthRequired, Audience::Staff),
+    (EmailKind::Reminder, Audience::Customer),
+    (EmailKind::Reminder, Audience::Staff),
+    (EmailKind::Resolved, Audience::Customer),
+    (EmailKind::Resolved, Audience::Staff),
+    (EmailKind::Unreachable, Audience::Staff),
+    (EmailKind::StaffDigest, Audience::Staff),
 ];
 
 const PARTS: [&str; 3] = ["subject", "txt", "html"];
@@ -140,7 +140,7 @@ impl Templates {
     /// Renders one email; missing values render as `-`.
     pub fn render(
         &self,
-        kind: &str,
+        kind: EmailKind,
         audience: Audience,
         values: &BTreeMap<&str, String>,
     ) -> Option<Rendered> {
@@ -229,7 +229,7 @@ mod tests {
         values.insert("connection_name", "ACME <Pest> Control".to_owned());
         for (kind, audience) in TEMPLATES {
             let rendered = templates
-                .render(kind, *audience, &values)
+                .render(*kind, *audience, &values)
                 .expect("every part exists");
             assert!(!rendered.subject.is_empty());
             assert!(
@@ -238,7 +238,7 @@ mod tests {
             );
         }
         let reauth = templates
-            .render("reauth_required", Audience::Customer, &values)
+            .render(EmailKind::ReauthRequired, Audience::Customer, &values)
             .expect("render");
         assert_eq!(
             reauth.subject,

@@ -74,7 +74,23 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     .await?;
     writeln!(out, "\nAll connections are healthy.")?;
     print_status(&running, out).await?;
+    credentials_change(&platform, &running, &mut events, &mailbox, out).await?;
+    reconnect(folder, &platform, &running, &mut events, out).await?;
+    print_incident(&running, out).await?;
+    recovery_notices(&mailbox, out).await?;
+    running.shutdown().await;
+    platform.stop();
+    Ok(())
+}
 
+/// Act two: ACME's password changes, connwatch confirms it and emails ACME.
+async fn credentials_change(
+    platform: &FakePlatform,
+    running: &app::Running,
+    events: &mut broadcast::Receiver<Event>,
+    mailbox: &mailbox::Mailbox,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n-- ACME changes the password of their WorkWave account. --"
@@ -85,7 +101,7 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     )?;
     platform.set("tok_acme_v1", Behaviour::Revoked);
     wait_for(
-        &mut events,
+        events,
         |id, to| id == "acme" && to == Health::NeedsReauth,
         1,
         out,
@@ -95,14 +111,25 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         out,
         "\nconnwatch confirmed the auth failure (2 in a row, a quick re-probe in between): ACME must reconnect."
     )?;
-    print_status(&running, out).await?;
-    let customer_email = wait_for_email(&mailbox, "it@acme.example", "Action needed").await?;
+    print_status(running, out).await?;
+    let customer_email = wait_for_email(mailbox, "it@acme.example", "Action needed").await?;
     writeln!(
         out,
         "\nThe email ACME's contact receives (captured by the demo's mailbox):"
     )?;
     print_email(&customer_email, out)?;
 
+    Ok(())
+}
+
+/// Act three: ACME reconnects; the new token file is noticed and probed at once.
+async fn reconnect(
+    folder: &Path,
+    platform: &FakePlatform,
+    running: &app::Running,
+    events: &mut broadcast::Receiver<Event>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n-- ACME reconnects through the platform's auth flow; a new token is issued --"
@@ -115,14 +142,19 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     platform.set("tok_acme_v2", Behaviour::Healthy);
     std::fs::write(folder.join("acme.token"), "tok_acme_v2")?;
     wait_for(
-        &mut events,
+        events,
         |id, to| id == "acme" && to == Health::Healthy,
         1,
         out,
     )
     .await?;
     writeln!(out)?;
-    print_status(&running, out).await?;
+    print_status(running, out).await?;
+    Ok(())
+}
+
+/// The closed incident, as the store keeps it.
+async fn print_incident(running: &app::Running, out: &mut impl Write) -> anyhow::Result<()> {
     let acme = crate::domain::ConnectionId::parse("acme").map_err(anyhow::Error::msg)?;
     let detail = running.store.connection_detail(&acme).await?;
     if let Some(incident) = detail.as_ref().and_then(|detail| detail.incidents.first()) {
@@ -140,7 +172,12 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
             incident.request_id.as_deref().unwrap_or("-"),
         )?;
     }
-    let resolved = wait_for_email(&mailbox, "it@acme.example", "Resolved").await?;
+    Ok(())
+}
+
+/// The recovery notice and what staff got.
+async fn recovery_notices(mailbox: &mailbox::Mailbox, out: &mut impl Write) -> anyhow::Result<()> {
+    let resolved = wait_for_email(mailbox, "it@acme.example", "Resolved").await?;
     writeln!(out, "\nAnd the recovery notice:")?;
     print_email(&resolved, out)?;
     let staff = mailbox
@@ -162,8 +199,6 @@ async fn tour(folder: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         out,
         "\nThe tokens never appeared in any output above. Tour finished."
     )?;
-    running.shutdown().await;
-    platform.stop();
     Ok(())
 }
 

@@ -34,6 +34,8 @@ pub enum Behaviour {
     Hang,
     /// 302 to another host.
     Redirect,
+    /// 401 whose message and request id repeat the token, as careless APIs do.
+    EchoesToken,
 }
 
 #[derive(Default)]
@@ -286,6 +288,15 @@ async fn connection_status(
             tokio::time::sleep(Duration::from_secs(3600)).await;
             with_id(StatusCode::OK, json!({"status": "active"}))
         }
+        Some(Behaviour::EchoesToken) => (
+            StatusCode::UNAUTHORIZED,
+            [("x-request-id", format!("rid-{token}"))],
+            axum::Json(json!({"error": {
+                "code": "AUTHENTICATION_FAILED",
+                "message": format!("token {token} is no longer valid"),
+            }})),
+        )
+            .into_response(),
         Some(Behaviour::Redirect) => (
             StatusCode::FOUND,
             [(header::LOCATION, "http://elsewhere.invalid/v1/connection")],

@@ -142,6 +142,25 @@ pub struct ProbeReport {
     pub retry_after_secs: Option<u64>,
 }
 
+impl ProbeReport {
+    /// Removes every secret in `secrets` from what the platform said (message, error code,
+    /// request id), before it is stored, logged, shown or emailed.
+    pub fn redact(&mut self, secrets: &[&str]) {
+        for text in [
+            &mut self.message,
+            &mut self.error_code,
+            &mut self.request_id,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(clean) = super::redacted(text, secrets) {
+                *text = clean;
+            }
+        }
+    }
+}
+
 /// Why a transition happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -81,6 +81,28 @@ impl EmailAddress {
     }
 }
 
+/// What replaces a secret found in text from a platform.
+pub const REDACTED: &str = "[redacted]";
+
+/// `text` without any of `secrets` (each replaced by `[redacted]`), or `None` when it
+/// holds none. Secrets shorter than 4 characters are not looked for: they would match
+/// ordinary text, and no platform issues such tokens.
+pub fn redacted(text: &str, secrets: &[&str]) -> Option<String> {
+    let found: Vec<&str> = secrets
+        .iter()
+        .copied()
+        .filter(|secret| secret.len() >= 4 && text.contains(secret))
+        .collect();
+    if found.is_empty() {
+        return None;
+    }
+    let mut clean = text.to_owned();
+    for secret in found {
+        clean = clean.replace(secret, REDACTED);
+    }
+    Some(clean)
+}
+
 /// Cuts `text` to at most `limit` characters, on a character boundary.
 pub fn bounded(text: &str, limit: usize) -> String {
     match text.char_indices().nth(limit) {
@@ -116,6 +138,32 @@ mod tests {
         for health in Health::ALL {
             assert_eq!(Health::parse(health.as_str()), Some(health));
         }
+    }
+
+    #[test]
+    fn secrets_echoed_by_a_platform_are_redacted_wherever_they_appear() {
+        let token = "tok_SECRET_acme_v1";
+        assert_eq!(
+            redacted("rid-tok_SECRET_acme_v1-7", &[token]).as_deref(),
+            Some("rid-[redacted]-7")
+        );
+        assert_eq!(redacted("nothing secret", &[token]), None);
+        let mut report = ProbeReport {
+            outcome: Outcome::AuthFailed,
+            status: Some(401),
+            latency_ms: 3,
+            request_id: Some(format!("req-{token}")),
+            error_code: Some(token.to_owned()),
+            message: Some(format!("bad token {token}, try {token}")),
+            retry_after_secs: None,
+        };
+        report.redact(&[token]);
+        let shown = format!("{report:?}");
+        assert!(!shown.contains(token), "{shown}");
+        assert_eq!(
+            report.message.as_deref(),
+            Some("bad token [redacted], try [redacted]")
+        );
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! times as i64 milliseconds); where they differ (row locks, write transactions) the
 //! difference stays in this module. Migrations live in `migrations/{sqlite,postgres}`.
 
-mod outbox;
+mod connections;
+mod email_outbox;
+mod incidents;
+mod polls;
 mod probes;
 mod read;
+mod relay_outbox;
 mod webhooks;
 
 use std::str::FromStr;
@@ -17,10 +21,13 @@ use sqlx::{AnyPool, Executor, Transaction};
 
 use crate::domain::Millis;
 
-pub use outbox::{EmailJob, MailPolicy, StormChange};
-pub use probes::{Claimed, ProbeRecord, SyncConnection};
+pub use connections::SyncConnection;
+pub use email_outbox::{EmailJob, UnreadableEmail};
+pub use polls::{PollClaim, PolledChange};
+pub use probes::{Claimed, ProbeRecord};
 pub use read::{ConnectionDetail, ConnectionSummary, IncidentRow, ProbeRow, TransitionRow};
-pub use webhooks::{PollClaim, PolledChange, RelayMessage, WebhookDelivery, WebhookStored};
+pub use relay_outbox::RelayMessage;
+pub use webhooks::{WebhookDelivery, WebhookStored};
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +84,6 @@ pub struct Store {
     sqlite_path: Option<std::path::PathBuf>,
     /// The daemon's lock on the SQLite file (`hold_database`), released on exit.
     held: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
-    /// Who gets which email; `None` when `[email]` is not configured (no outbox rows).
-    mail: std::sync::Arc<std::sync::RwLock<Option<MailPolicy>>>,
 }
 
 impl Store {
@@ -124,7 +129,6 @@ impl Store {
                 Backend::Postgres => None,
             },
             held: Default::default(),
-            mail: Default::default(),
         })
     }
 
@@ -139,15 +143,6 @@ impl Store {
             }
         }
         Ok(())
-    }
-
-    /// Sets who gets which email (start-up and reload).
-    pub fn set_mail_policy(&self, policy: Option<MailPolicy>) {
-        *self.mail.write().expect("mail policy lock") = policy;
-    }
-
-    pub fn mail_policy(&self) -> Option<MailPolicy> {
-        self.mail.read().expect("mail policy lock").clone()
     }
 
     pub fn backend(&self) -> Backend {
@@ -290,6 +285,9 @@ async fn open_pool(
         .await?;
     Ok(pool)
 }
+
+/// A transaction as the statements of every aggregate take it.
+pub(super) type Tx = Transaction<'static, sqlx::Any>;
 
 /// A write transaction; on SQLite it holds this process's writer turn until it ends.
 pub(super) struct WriteTransaction {

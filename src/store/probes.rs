@@ -1,34 +1,15 @@
-//! Writing side of probing: config sync, lease claims, recording verdicts, pruning.
+//! The probes aggregate: lease claims of due connections, recording probe verdicts in
+//! batches, pruning probe history.
 
 use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::outbox::{self, MailPolicy};
+use super::incidents::record_transition;
 use super::{Backend, LeaseClaim, Store, StoreError};
-use crate::classify::{ConnectionState, Verdict};
-use crate::domain::{Cause, ConnectionId, Health, Millis, Outcome, ProbeReport, Transition};
-
-/// A connection as the config describes it, for `sync_connections`.
-///
-/// Borrowed from the config: a fleet of 100,000 is synchronised at start-up, and owned
-/// copies of every name and id were ~20 MiB of the start-up peak.
-#[derive(Debug, Clone)]
-pub struct SyncConnection<'a> {
-    pub id: &'a ConnectionId,
-    pub name: &'a str,
-    pub platform: &'a str,
-    pub remote_id: Option<&'a str>,
-    pub paused: bool,
-    /// First due time for a connection the store has not seen yet.
-    pub first_due: Millis,
-    /// The customer's contacts (email addresses).
-    pub contacts: Vec<&'a str>,
-    pub reconnect_url: Option<&'a str>,
-    /// Expected time between webhooks; `None` when its platform sends none.
-    pub expected_webhook_ms: Option<Millis>,
-}
+use crate::domain::{ConnectionId, Health, Millis, Outcome, ProbeReport};
+use crate::rules::{ConnectionState, Verdict};
 
 /// A connection claimed for probing, with the state classification needs.
 #[derive(Debug, Clone)]
@@ -51,9 +32,6 @@ pub struct ProbeRecord {
     pub last_outcome: Option<Outcome>,
     pub lease_owner: String,
 }
-
-/// Connections per multi-row upsert in `sync_connections` (13 parameters each).
-const SYNC_CHUNK: usize = 64;
 
 const CLAIM_COLUMNS: &str = "id, platform, health, health_since, consecutive_failures, \
      consecutive_auth_failures, first_failure_at, next_due, last_outcome";
@@ -120,120 +98,6 @@ impl MemoryLeases {
 }
 
 impl Store {
-    /// Makes the stored connections match the config: inserts new ones, updates names,
-    /// platforms and pause switches, and deactivates those no longer configured (their
-    /// history is kept). Returns the number of connections deactivated.
-    pub async fn sync_connections(
-        &self,
-        connections: &[SyncConnection<'_>],
-        now: Millis,
-    ) -> Result<u64, StoreError> {
-        let mail = self.mail_policy();
-        let mut transaction = self.begin_write().await?;
-        let generation: i64 =
-            sqlx::query("SELECT COALESCE(MAX(config_generation), 0) + 1 FROM connections")
-                .fetch_one(&mut **transaction)
-                .await?
-                .try_get(0)?;
-        // What is stored now, in one read; then multi-row upserts (a fleet of 100,000
-        // costs a few thousand statements, not 200,000).
-        let existing: HashMap<String, (String, i64, i64)> =
-            sqlx::query_as::<_, (String, String, i64, i64)>(
-                "SELECT id, health, paused, operator_paused FROM connections",
-            )
-            .fetch_all(&mut **transaction)
-            .await?
-            .into_iter()
-            .map(|(id, health, paused, operator_paused)| (id, (health, paused, operator_paused)))
-            .collect();
-        // PostgreSQL: rows are locked in id order (as `record_probes` does), so replicas
-        // starting together and probing meanwhile never deadlock. SQLite: new rows go in
-        // in the order they fall due, so connections probed together sit side by side in
-        // the file; a batch of 1,024 results then rewrites a few dozen pages instead of
-        // one page per connection, and the claim reads them likewise.
-        let mut sorted: Vec<&SyncConnection<'_>> = connections.iter().collect();
-        match self.backend() {
-            Backend::Sqlite => sorted
-                .sort_by(|a, b| (a.first_due, a.id.as_str()).cmp(&(b.first_due, b.id.as_str()))),
-            Backend::Postgres => sorted.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str())),
-        }
-        for chunk in sorted.chunks(SYNC_CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO connections (id, name, platform, remote_id, active, config_generation, \
-                 paused, health, health_since, next_due, created_at, expected_webhook_ms, contacts, \
-                 reconnect_url) VALUES ",
-            );
-            sql.push_str(
-                &self.value_rows(chunk.len(), "(?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-            );
-            sql.push_str(
-                " ON CONFLICT (id) DO UPDATE SET name = excluded.name, platform = excluded.platform, \
-                 remote_id = excluded.remote_id, active = 1, \
-                 config_generation = excluded.config_generation, paused = excluded.paused, \
-                 expected_webhook_ms = excluded.expected_webhook_ms, contacts = excluded.contacts, \
-                 reconnect_url = excluded.reconnect_url",
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for connection in chunk {
-                let initial_health = if connection.paused {
-                    "paused"
-                } else {
-                    "unknown"
-                };
-                query = query
-                    .bind(connection.id.as_str().to_owned())
-                    .bind(connection.name.to_owned())
-                    .bind(connection.platform.to_owned())
-                    .bind(connection.remote_id.map(str::to_owned))
-                    .bind(generation)
-                    .bind(i64::from(connection.paused))
-                    .bind(initial_health)
-                    .bind(now)
-                    .bind(connection.first_due)
-                    .bind(now)
-                    .bind(connection.expected_webhook_ms)
-                    .bind(connection.contacts.join("\n"))
-                    .bind(connection.reconnect_url.map(str::to_owned));
-            }
-            query.execute(&mut **transaction).await?;
-        }
-        for connection in connections {
-            let Some((health, was_paused, operator_paused)) = existing.get(connection.id.as_str())
-            else {
-                continue;
-            };
-            let was = *was_paused != 0 || *operator_paused != 0;
-            let now_paused = connection.paused || *operator_paused != 0;
-            if was != now_paused {
-                let from = parse_health(health)?;
-                let to = if now_paused {
-                    Health::Paused
-                } else {
-                    Health::Unknown
-                };
-                set_health_by_operator(
-                    &mut transaction,
-                    mail.as_ref(),
-                    connection.id,
-                    from,
-                    to,
-                    now,
-                )
-                .await?;
-            }
-        }
-        let deactivated = sqlx::query(
-            "UPDATE connections SET active = 0, lease_owner = NULL, lease_until = 0 \
-             WHERE active = 1 AND config_generation <> $1",
-        )
-        .bind(generation)
-        .execute(&mut **transaction)
-        .await?
-        .rows_affected();
-        transaction.commit().await?;
-        Ok(deactivated)
-    }
-
     /// Claims up to `limit` connections whose due time has passed, leasing them to
     /// `owner` until `lease_until` so no other replica (or tick) probes them meanwhile.
     pub async fn claim_due(
@@ -430,7 +294,6 @@ impl Store {
         mut transaction: super::WriteTransaction,
         records: &[&ProbeRecord],
     ) -> Result<HashSet<String>, StoreError> {
-        let mail = self.mail_policy();
         let sizes = self.chunk_sizes();
         let mut applied: HashSet<String> = HashSet::with_capacity(records.len());
         // Most probes change no health: their statement leaves `health` alone, so SQLite
@@ -466,24 +329,17 @@ impl Store {
             if let Some(transition) = &record.verdict.transition
                 && applied.contains(record.id.as_str())
             {
-                apply_transition(&mut transaction, mail.as_ref(), &record.id, transition).await?;
+                record_transition(
+                    &mut transaction,
+                    &record.id,
+                    transition,
+                    &record.verdict.incident,
+                )
+                .await?;
             }
         }
         transaction.commit().await?;
         Ok(applied)
-    }
-
-    /// Marks a connection due now (token rotated, probe requested). False if unknown.
-    pub async fn request_probe(&self, id: &ConnectionId, now: Millis) -> Result<bool, StoreError> {
-        let mut transaction = self.begin_write().await?;
-        let updated =
-            sqlx::query("UPDATE connections SET next_due = $2 WHERE id = $1 AND active = 1")
-                .bind(id.as_str())
-                .bind(now)
-                .execute(&mut **transaction)
-                .await?;
-        transaction.commit().await?;
-        Ok(updated.rows_affected() == 1)
     }
 
     /// Deletes probe results older than `before`; returns how many.
@@ -507,53 +363,7 @@ async fn update_latest(
     chunk: &[&ProbeRecord],
     with_health: bool,
 ) -> Result<Vec<String>, StoreError> {
-    // Column, SQL type. Explicit casts: PostgreSQL cannot type a VALUES column from a NULL.
-    const HEALTH: [(&str, &str); 2] = [("health", "TEXT"), ("health_since", "BIGINT")];
-    const LATEST: [(&str, &str); 11] = [
-        ("consecutive_failures", "BIGINT"),
-        ("consecutive_auth_failures", "BIGINT"),
-        ("first_failure_at", "BIGINT"),
-        ("next_due", "BIGINT"),
-        ("last_probe_at", "BIGINT"),
-        ("last_outcome", "TEXT"),
-        ("last_status", "BIGINT"),
-        ("last_latency_ms", "BIGINT"),
-        ("last_request_id", "TEXT"),
-        ("last_error_code", "TEXT"),
-        ("last_message", "TEXT"),
-    ];
-    let mut columns: Vec<(&str, &str)> = vec![("cid", "TEXT"), ("owner", "TEXT")];
-    if with_health {
-        columns.extend(HEALTH);
-    }
-    columns.extend(LATEST);
-    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
-    let mut sql = format!("WITH v ({}) AS (VALUES ", names.join(", "));
-    let row: Vec<String> = columns
-        .iter()
-        .map(|(_, kind)| format!("CAST(? AS {kind})"))
-        .collect();
-    sql.push_str(&super::value_rows(
-        backend,
-        chunk.len(),
-        &format!("({})", row.join(", ")),
-    ));
-    sql.push_str(") UPDATE connections SET lease_owner = NULL, lease_until = 0");
-    for (name, _) in &columns[2..] {
-        sql.push_str(&format!(", {name} = v.{name}"));
-    }
-    // On SQLite the lease was checked in memory (`record_probes`); a connection removed
-    // by a reload while its probe was in flight is left alone (on PostgreSQL the sync
-    // cleared its lease owner). The `+` keeps SQLite from planning the update around an
-    // index on `active` (a scan of every connection per statement: 3,800 probes a second
-    // instead of 26,000).
-    sql.push_str(match backend {
-        Backend::Sqlite => " FROM v WHERE connections.id = v.cid AND +connections.active = 1",
-        Backend::Postgres => {
-            " FROM v WHERE connections.id = v.cid AND connections.lease_owner = v.owner \
-             RETURNING id"
-        }
-    });
+    let sql = latest_statement(backend, chunk.len(), with_health);
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for record in chunk {
         let report = &record.report;
@@ -568,7 +378,8 @@ async fn update_latest(
             .bind(i64::from(state.consecutive_failures))
             .bind(i64::from(state.consecutive_auth_failures))
             .bind(state.first_failure_at)
-            .bind(record.verdict.next_due)
+            // A probe verdict always sets the next due time.
+            .bind(record.verdict.next_due.unwrap_or(record.at))
             .bind(record.at)
             .bind(report.outcome.as_str())
             .bind(report.status.map(i64::from))
@@ -603,6 +414,58 @@ async fn update_latest(
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
+/// The statement of `update_latest` for `rows` records.
+fn latest_statement(backend: Backend, rows: usize, with_health: bool) -> String {
+    // Column, SQL type. Explicit casts: PostgreSQL cannot type a VALUES column from a NULL.
+    const HEALTH: [(&str, &str); 2] = [("health", "TEXT"), ("health_since", "BIGINT")];
+    const LATEST: [(&str, &str); 11] = [
+        ("consecutive_failures", "BIGINT"),
+        ("consecutive_auth_failures", "BIGINT"),
+        ("first_failure_at", "BIGINT"),
+        ("next_due", "BIGINT"),
+        ("last_probe_at", "BIGINT"),
+        ("last_outcome", "TEXT"),
+        ("last_status", "BIGINT"),
+        ("last_latency_ms", "BIGINT"),
+        ("last_request_id", "TEXT"),
+        ("last_error_code", "TEXT"),
+        ("last_message", "TEXT"),
+    ];
+    let mut columns: Vec<(&str, &str)> = vec![("cid", "TEXT"), ("owner", "TEXT")];
+    if with_health {
+        columns.extend(HEALTH);
+    }
+    columns.extend(LATEST);
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let mut sql = format!("WITH v ({}) AS (VALUES ", names.join(", "));
+    let row: Vec<String> = columns
+        .iter()
+        .map(|(_, kind)| format!("CAST(? AS {kind})"))
+        .collect();
+    sql.push_str(&super::value_rows(
+        backend,
+        rows,
+        &format!("({})", row.join(", ")),
+    ));
+    sql.push_str(") UPDATE connections SET lease_owner = NULL, lease_until = 0");
+    for (name, _) in &columns[2..] {
+        sql.push_str(&format!(", {name} = v.{name}"));
+    }
+    // On SQLite the lease was checked in memory (`record_probes`); a connection removed
+    // by a reload while its probe was in flight is left alone (on PostgreSQL the sync
+    // cleared its lease owner). The `+` keeps SQLite from planning the update around an
+    // index on `active` (a scan of every connection per statement: 3,800 probes a second
+    // instead of 26,000).
+    sql.push_str(match backend {
+        Backend::Sqlite => " FROM v WHERE connections.id = v.cid AND +connections.active = 1",
+        Backend::Postgres => {
+            " FROM v WHERE connections.id = v.cid AND connections.lease_owner = v.owner \
+             RETURNING id"
+        }
+    });
+    sql
+}
+
 /// Appends probe history rows, one statement for the chunk.
 async fn insert_history(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -635,108 +498,6 @@ async fn insert_history(
     Ok(())
 }
 
-/// Stores a transition and opens or closes the incident it implies.
-pub(super) async fn apply_transition(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
-    mail: Option<&MailPolicy>,
-    id: &ConnectionId,
-    transition: &Transition,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO transitions (connection_id, at, from_health, to_health, cause, outcome, \
-         error_code, request_id, first_failure_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(id.as_str())
-    .bind(transition.at)
-    .bind(transition.from.as_str())
-    .bind(transition.to.as_str())
-    .bind(transition.cause.as_str())
-    .bind(transition.outcome.map(Outcome::as_str))
-    .bind(transition.error_code.as_deref())
-    .bind(transition.request_id.as_deref())
-    .bind(transition.first_failure_at)
-    .execute(&mut **transaction)
-    .await?;
-    if transition.from.is_incident() && transition.from != transition.to {
-        let closed: Vec<(i64,)> = sqlx::query_as(
-            "UPDATE incidents SET closed_at = $2 WHERE connection_id = $1 AND closed_at IS NULL \
-             RETURNING id",
-        )
-        .bind(id.as_str())
-        .bind(transition.at)
-        .fetch_all(&mut **transaction)
-        .await?;
-        if let Some(policy) = mail {
-            for (incident_id,) in closed {
-                outbox::plan_closed(transaction, policy, incident_id, transition).await?;
-            }
-        }
-        sqlx::query("UPDATE connections SET open_incident_id = NULL WHERE id = $1")
-            .bind(id.as_str())
-            .execute(&mut **transaction)
-            .await?;
-    }
-    if transition.to.is_incident() && transition.from != transition.to {
-        let incident_id: i64 = sqlx::query(
-            "INSERT INTO incidents (connection_id, kind, opened_at, first_failure_at, error_code, \
-             request_id) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-        )
-        .bind(id.as_str())
-        .bind(transition.to.as_str())
-        .bind(transition.at)
-        .bind(transition.first_failure_at.unwrap_or(transition.at))
-        .bind(transition.error_code.as_deref())
-        .bind(transition.request_id.as_deref())
-        .fetch_one(&mut **transaction)
-        .await?
-        .try_get(0)?;
-        sqlx::query("UPDATE connections SET open_incident_id = $2 WHERE id = $1")
-            .bind(id.as_str())
-            .bind(incident_id)
-            .execute(&mut **transaction)
-            .await?;
-        if let Some(policy) = mail {
-            outbox::plan_opened(transaction, policy, id, incident_id, transition).await?;
-        }
-    }
-    Ok(())
-}
-
-/// An operator action (pause, resume) changes health outside classification.
-pub(super) async fn set_health_by_operator(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
-    mail: Option<&MailPolicy>,
-    id: &ConnectionId,
-    from: Health,
-    to: Health,
-    now: Millis,
-) -> Result<(), StoreError> {
-    if from == to {
-        return Ok(());
-    }
-    sqlx::query(
-        "UPDATE connections SET health = $2, health_since = $3, next_due = $3, \
-         consecutive_failures = 0, consecutive_auth_failures = 0, first_failure_at = NULL \
-         WHERE id = $1",
-    )
-    .bind(id.as_str())
-    .bind(to.as_str())
-    .bind(now)
-    .execute(&mut **transaction)
-    .await?;
-    let transition = Transition {
-        from,
-        to,
-        cause: Cause::Operator,
-        at: now,
-        first_failure_at: None,
-        outcome: None,
-        error_code: None,
-        request_id: None,
-    };
-    apply_transition(transaction, mail, id, &transition).await
-}
-
 pub(super) fn parse_health(raw: &str) -> Result<Health, StoreError> {
     Health::parse(raw).ok_or_else(|| StoreError::Corrupt {
         column: "health",
@@ -761,20 +522,26 @@ pub(super) fn parse_id(raw: &str) -> Result<ConnectionId, StoreError> {
     })
 }
 
-fn claimed_from_row(row: &AnyRow) -> Result<Claimed, StoreError> {
+/// The judged state in a row (columns `health`, `health_since`, the two failure counts,
+/// `first_failure_at`).
+pub(super) fn row_state(row: &AnyRow) -> Result<ConnectionState, StoreError> {
     let count = |name: &str| -> Result<u32, StoreError> {
         Ok(u32::try_from(row.try_get::<i64, _>(name)?).unwrap_or(u32::MAX))
     };
+    Ok(ConnectionState {
+        health: parse_health(&row.try_get::<String, _>("health")?)?,
+        health_since: row.try_get("health_since")?,
+        consecutive_failures: count("consecutive_failures")?,
+        consecutive_auth_failures: count("consecutive_auth_failures")?,
+        first_failure_at: row.try_get("first_failure_at")?,
+    })
+}
+
+fn claimed_from_row(row: &AnyRow) -> Result<Claimed, StoreError> {
     Ok(Claimed {
         id: parse_id(&row.try_get::<String, _>("id")?)?,
         platform: row.try_get("platform")?,
-        state: ConnectionState {
-            health: parse_health(&row.try_get::<String, _>("health")?)?,
-            health_since: row.try_get("health_since")?,
-            consecutive_failures: count("consecutive_failures")?,
-            consecutive_auth_failures: count("consecutive_auth_failures")?,
-            first_failure_at: row.try_get("first_failure_at")?,
-        },
+        state: row_state(row)?,
         due: row.try_get("next_due")?,
         last_outcome: parse_outcome(row.try_get("last_outcome")?)?,
     })

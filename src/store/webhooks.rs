@@ -1,13 +1,14 @@
-//! Webhook deliveries, quiet tracking, polling progress and the relay outbox.
+//! The webhooks aggregate: deliveries stored once per webhook id, activity that ends a
+//! quiet period, the platform's reauth and reconnect words (judged by the rules).
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::Row;
-
-use super::probes::{apply_transition, parse_health, parse_id};
-use super::{LeaseClaim, Store, StoreError};
-use crate::classify::{ConnectionState, reauth_by_webhook};
-use crate::domain::{Cause, ConnectionId, Health, Millis, Transition};
+use super::incidents::record_verdict;
+use super::probes::{parse_health, parse_id};
+use super::{Store, StoreError, Tx};
+use crate::domain::{ConnectionId, Health, Millis};
+use crate::rules::changes::watermark_candidate;
+use crate::rules::{ConnectionState, Event, Rules};
 
 /// id, health, health_since, consecutive_failures, quiet, first_failure_at.
 type ConnectionRow = (String, String, i64, i64, i64, Option<i64>);
@@ -19,6 +20,18 @@ struct Activity {
     newest_change: Option<Millis>,
     reauth: bool,
     reconnected: bool,
+}
+
+/// A change a webhook delivered: connection, change id, its update time, seen at.
+type DeliveredChange = (String, String, Millis, Millis);
+
+/// What a batch of deliveries comes to: an answer each, activity per connection, the
+/// changes delivered.
+#[derive(Debug, Default)]
+struct Batch {
+    results: Vec<WebhookStored>,
+    activity: Vec<(ConnectionId, Activity)>,
+    changes: Vec<DeliveredChange>,
 }
 
 /// A verified webhook delivery, ready to store.
@@ -53,38 +66,6 @@ pub enum WebhookStored {
     UnknownConnection,
 }
 
-/// A quiet connection claimed for polling.
-#[derive(Debug, Clone)]
-pub struct PollClaim {
-    pub id: ConnectionId,
-    pub platform: String,
-    /// `since` of the pagination run in progress, if one was interrupted.
-    pub resume_since: Option<Millis>,
-    pub resume_cursor: Option<String>,
-    /// Newest update time seen by the run in progress.
-    pub max_seen: Option<Millis>,
-    /// The stored watermark, or the last webhook, or when monitoring began.
-    pub watermark: Millis,
-}
-
-/// One polled change.
-#[derive(Debug, Clone)]
-pub struct PolledChange {
-    pub change_id: String,
-    pub updated_at: Millis,
-    /// The relay message, if a relay is configured: (stable webhook id, JSON payload).
-    pub relay: Option<(String, String)>,
-}
-
-/// A relay message claimed for sending.
-#[derive(Debug, Clone)]
-pub struct RelayMessage {
-    pub id: i64,
-    pub webhook_id: String,
-    pub payload: String,
-    pub attempts: i64,
-}
-
 impl Store {
     /// Stores deliveries in one transaction (durable before any is answered): de-duplicates
     /// by webhook id, marks activity, leaves quiet, records delivered changes, advances the
@@ -93,11 +74,57 @@ impl Store {
     pub async fn record_webhooks(
         &self,
         deliveries: &[WebhookDelivery],
+        rules: &Rules,
     ) -> Result<Vec<WebhookStored>, StoreError> {
-        let mail = self.mail_policy();
         let mut transaction = self.begin_write().await?;
-        // The connections the batch names, looked up together (a statement is a round
-        // trip to sqlx's SQLite worker: one per connection was most of a batch's cost).
+        let connections = self
+            .lookup_connections(&mut transaction, deliveries)
+            .await?;
+        let mut inserted = self
+            .insert_deliveries(&mut transaction, deliveries, &connections)
+            .await?;
+        let mut batch = Batch::default();
+        for delivery in deliveries {
+            let connection = connections
+                .get(&(delivery.platform.as_str(), delivery.remote_id.as_str()))
+                .and_then(Option::as_ref);
+            batch.add(delivery, connection, &mut inserted)?;
+        }
+        for chunk in super::chunks_of(&batch.changes, self.chunk_sizes()) {
+            self.insert_delivered_changes(&mut transaction, chunk)
+                .await?;
+        }
+        // In id order, like `record_probes`: no deadlock between the two on PostgreSQL.
+        batch
+            .activity
+            .sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        for chunk in super::chunks_of(&batch.activity, self.chunk_sizes()) {
+            touch_activity(&mut transaction, self.backend(), chunk).await?;
+        }
+        let activity = std::mem::take(&mut batch.activity);
+        for (id, seen) in &activity {
+            let row = connections
+                .values()
+                .flatten()
+                .find(|row| row.0 == id.as_str())
+                .expect("every active connection was looked up");
+            let entered = self
+                .apply_activity(&mut transaction, rules, id, row, seen)
+                .await?;
+            batch.note_entered(id, entered);
+        }
+        transaction.commit().await?;
+        Ok(batch.results)
+    }
+
+    /// The active connections a batch names, by (platform, remote id), looked up together
+    /// (a statement is a round trip to sqlx's SQLite worker: one per connection was most
+    /// of a batch's cost). Two connections with one remote id: the first by id.
+    async fn lookup_connections<'d>(
+        &self,
+        transaction: &mut Tx,
+        deliveries: &'d [WebhookDelivery],
+    ) -> Result<HashMap<(&'d str, &'d str), Option<ConnectionRow>>, StoreError> {
         let mut connections: HashMap<(&str, &str), Option<ConnectionRow>> = HashMap::new();
         for delivery in deliveries {
             connections.insert(
@@ -132,7 +159,6 @@ impl Store {
                 for (id, health, since, failures, quiet, first_failure_at, remote_id) in
                     query.bind(platform).fetch_all(&mut **transaction).await?
                 {
-                    // Two connections with one remote id: the first by id, as before.
                     let key = chunk
                         .iter()
                         .find(|(_, wanted)| *wanted == remote_id)
@@ -145,7 +171,17 @@ impl Store {
                 }
             }
         }
-        // Every delivery in multi-row inserts; the ids returned are the new ones.
+        Ok(connections)
+    }
+
+    /// Every delivery in multi-row inserts; returns the (platform, webhook id) pairs that
+    /// were new (the others are duplicates).
+    async fn insert_deliveries(
+        &self,
+        transaction: &mut Tx,
+        deliveries: &[WebhookDelivery],
+        connections: &HashMap<(&str, &str), Option<ConnectionRow>>,
+    ) -> Result<HashSet<(String, String)>, StoreError> {
         let mut inserted: HashSet<(String, String)> = HashSet::new();
         for chunk in super::chunks_of(deliveries, self.chunk_sizes()) {
             let mut sql = String::from(
@@ -174,436 +210,68 @@ impl Store {
             }
             inserted.extend(query.fetch_all(&mut **transaction).await?);
         }
-        let mut results = Vec::with_capacity(deliveries.len());
-        let mut activity: Vec<(ConnectionId, Activity)> = Vec::new();
-        let mut changes: Vec<(String, String, Millis, Millis)> = Vec::new();
-        for delivery in deliveries {
-            // The first delivery of an id in the batch is the new one; repeats are duplicates.
-            if !inserted.remove(&(delivery.platform.clone(), delivery.webhook_id.clone())) {
-                results.push(WebhookStored::Duplicate);
-                continue;
-            }
-            let row = connections
-                .get(&(delivery.platform.as_str(), delivery.remote_id.as_str()))
-                .and_then(Option::as_ref);
-            let Some(row) = row else {
-                results.push(WebhookStored::UnknownConnection);
-                continue;
-            };
-            let id = parse_id(&row.0)?;
-            if let Some(change_id) = &delivery.change_id {
-                changes.push((
-                    row.0.clone(),
-                    change_id.clone(),
-                    delivery.change_updated.unwrap_or(-1),
-                    delivery.received_at,
-                ));
-            }
-            let position = match activity.iter().position(|(known, _)| *known == id) {
-                Some(position) => position,
-                None => {
-                    activity.push((id.clone(), Activity::default()));
-                    activity.len() - 1
-                }
-            };
-            let entry = &mut activity[position].1;
-            entry.last = entry.last.max(delivery.received_at);
-            entry.newest_change = entry.newest_change.max(delivery.change_updated);
-            entry.reauth |= delivery.reauth;
-            entry.reconnected |= delivery.reconnected;
-            results.push(WebhookStored::Accepted {
-                connection: id,
-                transition: None,
-            });
-        }
-        for chunk in super::chunks_of(&changes, self.chunk_sizes()) {
-            let mut sql = String::from(
-                "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
-            );
-            sql.push_str(&self.value_rows(chunk.len(), "(?, ?, ?, 'webhook', ?)"));
-            sql.push_str(" ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (connection, change_id, updated_at, seen_at) in chunk {
-                query = query
-                    .bind(connection.clone())
-                    .bind(change_id.clone())
-                    .bind(*updated_at)
-                    .bind(*seen_at);
-            }
-            query.execute(&mut **transaction).await?;
-        }
-        // In id order, like `record_probes`: no deadlock between the two on PostgreSQL.
-        activity.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        for chunk in super::chunks_of(&activity, self.chunk_sizes()) {
-            touch_activity(&mut transaction, self.backend(), chunk).await?;
-        }
-        for (id, seen) in &activity {
-            let row = connections
-                .values()
-                .flatten()
-                .find(|row| row.0 == id.as_str())
-                .expect("every active connection was looked up");
-            let entered = self
-                .apply_activity(&mut transaction, mail.as_ref(), id, row, seen)
-                .await?;
-            if entered.is_some() {
-                for result in results.iter_mut() {
-                    if let WebhookStored::Accepted {
-                        connection,
-                        transition,
-                    } = result
-                        && connection == id
-                        && transition.is_none()
-                    {
-                        *transition = entered;
-                        break;
-                    }
-                }
-            }
-        }
-        transaction.commit().await?;
-        Ok(results)
+        Ok(inserted)
     }
 
-    /// One connection's webhook events of a batch, after `touch_activity`: the end of its
-    /// quiet, reauth (a transition at once) and reconnect (a probe at once).
+    /// Records the changes webhooks delivered (so polling does not recover them again).
+    async fn insert_delivered_changes(
+        &self,
+        transaction: &mut Tx,
+        chunk: &[DeliveredChange],
+    ) -> Result<(), StoreError> {
+        let mut sql = String::from(
+            "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) VALUES ",
+        );
+        sql.push_str(&self.value_rows(chunk.len(), "(?, ?, ?, 'webhook', ?)"));
+        sql.push_str(" ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (connection, change_id, updated_at, seen_at) in chunk {
+            query = query
+                .bind(connection.clone())
+                .bind(change_id.clone())
+                .bind(*updated_at)
+                .bind(*seen_at);
+        }
+        query.execute(&mut **transaction).await?;
+        Ok(())
+    }
+
+    /// One connection's webhook events of a batch, after `touch_activity`, judged by the
+    /// rules in order: the end of its quiet, the platform's reauth and reconnect words.
+    /// Returns the health it entered, if it changed.
     async fn apply_activity(
         &self,
-        transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
-        mail: Option<&super::MailPolicy>,
+        transaction: &mut Tx,
+        rules: &Rules,
         id: &ConnectionId,
         row: &ConnectionRow,
         seen: &Activity,
     ) -> Result<Option<Health>, StoreError> {
         let (_, health, health_since, failures, quiet, first_failure_at) = row;
-        let health = parse_health(health)?;
-        let now = seen.last;
-        if *quiet != 0 {
-            apply_transition(
-                transaction,
-                mail,
-                id,
-                &quiet_transition(health, Cause::WebhooksResumed, now),
-            )
-            .await?;
-        }
+        let mut state = ConnectionState {
+            health: parse_health(health)?,
+            health_since: *health_since,
+            consecutive_failures: u32::try_from(*failures).unwrap_or(u32::MAX),
+            consecutive_auth_failures: 0,
+            first_failure_at: *first_failure_at,
+        };
+        let events = [
+            (*quiet != 0).then_some(Event::WebhooksResumed),
+            seen.reauth.then_some(Event::WebhookReauth),
+            seen.reconnected.then_some(Event::WebhookReconnected),
+        ];
         let mut entered = None;
-        if seen.reauth {
-            let state = ConnectionState {
-                health,
-                health_since: *health_since,
-                consecutive_failures: u32::try_from(*failures).unwrap_or(u32::MAX),
-                consecutive_auth_failures: 0,
-                first_failure_at: *first_failure_at,
-            };
-            if let Some(transition) = reauth_by_webhook(&state, now) {
-                sqlx::query(
-                    "UPDATE connections SET health = 'needs_reauth', health_since = $2, \
-                     first_failure_at = COALESCE(first_failure_at, $2) WHERE id = $1",
-                )
-                .bind(id.as_str())
-                .bind(now)
-                .execute(&mut **transaction)
-                .await?;
-                apply_transition(transaction, mail, id, &transition).await?;
-                entered = Some(Health::NeedsReauth);
+        for event in events.into_iter().flatten() {
+            let verdict = rules.judge(&state, event, seen.last);
+            if let Some(transition) = &verdict.transition
+                && transition.from != transition.to
+            {
+                entered = Some(transition.to);
             }
-        }
-        if seen.reauth || seen.reconnected {
-            // A confirming probe now: the circuit breaker yields to the platform's word.
-            sqlx::query("UPDATE connections SET next_due = $2 WHERE id = $1")
-                .bind(id.as_str())
-                .bind(now)
-                .execute(&mut **transaction)
-                .await?;
+            record_verdict(transaction, id, &verdict).await?;
+            state = verdict.state;
         }
         Ok(entered)
-    }
-
-    /// Marks connections whose last webhook (or start of monitoring) is older than their
-    /// expected interval + `grace` as quiet; returns them. Their first poll is due at once.
-    pub async fn mark_quiet(
-        &self,
-        now: Millis,
-        grace: Millis,
-    ) -> Result<Vec<ConnectionId>, StoreError> {
-        let mut transaction = self.begin_write().await?;
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "UPDATE connections SET quiet = 1, quiet_since = $1, next_poll_at = $1 \
-             WHERE active = 1 AND quiet = 0 AND expected_webhook_ms IS NOT NULL \
-             AND COALESCE(last_webhook_at, created_at) + expected_webhook_ms + $2 < $1 \
-             RETURNING id, health",
-        )
-        .bind(now)
-        .bind(grace)
-        .fetch_all(&mut **transaction)
-        .await?;
-        let mut quiet = Vec::with_capacity(rows.len());
-        for (raw_id, health) in rows {
-            let id = parse_id(&raw_id)?;
-            let transition = quiet_transition(parse_health(&health)?, Cause::Quiet, now);
-            apply_transition(&mut transaction, None, &id, &transition).await?;
-            quiet.push(id);
-        }
-        transaction.commit().await?;
-        Ok(quiet)
-    }
-
-    /// Claims quiet connections whose next poll is due, with a lease.
-    pub async fn claim_polls(
-        &self,
-        now: Millis,
-        limit: u32,
-        owner: &str,
-        lease_until: Millis,
-    ) -> Result<Vec<PollClaim>, StoreError> {
-        let claim = LeaseClaim {
-            table: "connections",
-            owner_column: "poll_lease_owner",
-            until_column: "poll_lease_until",
-            due: "active = 1 AND quiet = 1 AND next_poll_at <= $3",
-            order: "next_poll_at",
-            returning: "id, platform, poll_since, poll_cursor, poll_max_seen, \
-                        COALESCE(watermark, last_webhook_at, created_at) AS watermark",
-        };
-        let rows = self
-            .claim_leased(&claim, now, limit, owner, lease_until)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(PollClaim {
-                    id: parse_id(&row.try_get::<String, _>("id")?)?,
-                    platform: row.try_get("platform")?,
-                    resume_since: row.try_get("poll_since")?,
-                    resume_cursor: row.try_get("poll_cursor")?,
-                    max_seen: row.try_get("poll_max_seen")?,
-                    watermark: row.try_get("watermark")?,
-                })
-            })
-            .collect()
-    }
-
-    /// Stores one page of a poll: changes no webhook delivered become recovered changes
-    /// (and relay messages), and the cursor is saved so a restart resumes after this page.
-    /// Returns how many changes were recovered; none if the lease was lost.
-    pub async fn record_poll_page(
-        &self,
-        id: &ConnectionId,
-        owner: &str,
-        since: Millis,
-        next_cursor: Option<&str>,
-        changes: &[PolledChange],
-        now: Millis,
-    ) -> Result<usize, StoreError> {
-        let mut transaction = self.begin_write().await?;
-        let page_max = changes.iter().map(|change| change.updated_at).max();
-        let updated = sqlx::query(
-            "UPDATE connections SET poll_since = $3, poll_cursor = $4, \
-             poll_max_seen = CASE WHEN $5 IS NULL THEN poll_max_seen \
-               WHEN poll_max_seen IS NULL OR poll_max_seen < $5 THEN $5 ELSE poll_max_seen END \
-             WHERE id = $1 AND poll_lease_owner = $2",
-        )
-        .bind(id.as_str())
-        .bind(owner)
-        .bind(since)
-        .bind(next_cursor)
-        .bind(page_max)
-        .execute(&mut **transaction)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            return Ok(0);
-        }
-        let mut recovered = 0;
-        for change in changes {
-            let known: Option<(i64,)> = sqlx::query_as(
-                "SELECT 1 FROM seen_changes WHERE connection_id = $1 AND change_id = $2 \
-                 AND (updated_at = $3 OR updated_at = -1) LIMIT 1",
-            )
-            .bind(id.as_str())
-            .bind(&change.change_id)
-            .bind(change.updated_at)
-            .fetch_optional(&mut **transaction)
-            .await?;
-            if known.is_some() {
-                continue;
-            }
-            insert_seen_change(
-                &mut transaction,
-                id,
-                &change.change_id,
-                change.updated_at,
-                "poll",
-                now,
-            )
-            .await?;
-            if let Some((webhook_id, payload)) = &change.relay {
-                sqlx::query(
-                    "INSERT INTO relay_outbox (webhook_id, connection_id, payload, next_attempt_at, \
-                     created_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (webhook_id) DO NOTHING",
-                )
-                .bind(webhook_id)
-                .bind(id.as_str())
-                .bind(payload)
-                .bind(now)
-                .execute(&mut **transaction)
-                .await?;
-            }
-            recovered += 1;
-        }
-        transaction.commit().await?;
-        Ok(recovered)
-    }
-
-    /// Ends a complete poll: the watermark moves to `covered_until` (or the newest change
-    /// seen) but never backwards; the next poll is due at `next_poll_at`.
-    pub async fn finish_poll(
-        &self,
-        id: &ConnectionId,
-        owner: &str,
-        covered_until: Millis,
-        next_poll_at: Millis,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let mut transaction = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE connections SET \
-             watermark = CASE WHEN watermark IS NULL OR watermark < $3 THEN $3 ELSE watermark END, \
-             poll_since = NULL, poll_cursor = NULL, poll_max_seen = NULL, \
-             poll_lease_owner = NULL, poll_lease_until = 0, next_poll_at = $4, \
-             last_poll_at = $5, last_poll_result = 'ok' \
-             WHERE id = $1 AND poll_lease_owner = $2",
-        )
-        .bind(id.as_str())
-        .bind(owner)
-        .bind(covered_until)
-        .bind(next_poll_at)
-        .bind(now)
-        .execute(&mut **transaction)
-        .await?;
-        transaction.commit().await?;
-        Ok(())
-    }
-
-    /// Puts a poll off (rate limit, error); the cursor is kept to resume from.
-    pub async fn defer_poll(
-        &self,
-        id: &ConnectionId,
-        owner: &str,
-        next_poll_at: Millis,
-        result: &str,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let mut transaction = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE connections SET poll_lease_owner = NULL, poll_lease_until = 0, \
-             next_poll_at = $3, last_poll_at = $4, last_poll_result = $5 \
-             WHERE id = $1 AND poll_lease_owner = $2",
-        )
-        .bind(id.as_str())
-        .bind(owner)
-        .bind(next_poll_at)
-        .bind(now)
-        .bind(result)
-        .execute(&mut **transaction)
-        .await?;
-        transaction.commit().await?;
-        Ok(())
-    }
-
-    /// Active quiet connections.
-    pub async fn quiet_count(&self) -> Result<i64, StoreError> {
-        let (count,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM connections WHERE active = 1 AND quiet = 1")
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(count)
-    }
-
-    /// Claims relay messages due for a (re)try.
-    pub async fn claim_relay(
-        &self,
-        now: Millis,
-        limit: u32,
-        owner: &str,
-        lease_until: Millis,
-    ) -> Result<Vec<RelayMessage>, StoreError> {
-        let claim = LeaseClaim {
-            table: "relay_outbox",
-            owner_column: "lease_owner",
-            until_column: "lease_until",
-            due: "state = 'pending' AND next_attempt_at <= $3",
-            order: "next_attempt_at",
-            returning: "id, webhook_id, payload, attempts",
-        };
-        let rows = self
-            .claim_leased(&claim, now, limit, owner, lease_until)
-            .await?
-            .iter()
-            .map(|row| {
-                Ok((
-                    row.try_get(0)?,
-                    row.try_get(1)?,
-                    row.try_get(2)?,
-                    row.try_get(3)?,
-                ))
-            })
-            .collect::<Result<Vec<(i64, String, String, i64)>, StoreError>>()?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, webhook_id, payload, attempts)| RelayMessage {
-                id,
-                webhook_id,
-                payload,
-                attempts,
-            })
-            .collect())
-    }
-
-    /// Records a relay attempt: sent, retried at `retry_at`, or dead (`retry_at` None).
-    pub async fn finish_relay(
-        &self,
-        message_id: i64,
-        owner: &str,
-        outcome: Result<(), (&str, Option<Millis>)>,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let mut transaction = self.begin_write().await?;
-        let query = match outcome {
-            Ok(()) => sqlx::query(
-                "UPDATE relay_outbox SET state = 'sent', sent_at = $3, attempts = attempts + 1, \
-                 lease_owner = NULL, lease_until = 0, last_error = NULL \
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(message_id)
-            .bind(owner)
-            .bind(now),
-            Err((error, retry_at)) => sqlx::query(
-                "UPDATE relay_outbox SET attempts = attempts + 1, lease_owner = NULL, \
-                 lease_until = 0, last_error = $3, \
-                 state = CASE WHEN $4 IS NULL THEN 'dead' ELSE 'pending' END, \
-                 next_attempt_at = COALESCE($4, next_attempt_at) \
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(message_id)
-            .bind(owner)
-            .bind(error.to_owned())
-            .bind(retry_at),
-        };
-        query.execute(&mut **transaction).await?;
-        transaction.commit().await?;
-        Ok(())
-    }
-
-    /// Relay messages still to send, and those given up on.
-    pub async fn relay_counts(&self) -> Result<(i64, i64), StoreError> {
-        let (pending, dead): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END), 0), \
-             COALESCE(SUM(CASE WHEN state = 'dead' THEN 1 ELSE 0 END), 0) FROM relay_outbox",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((pending, dead))
     }
 
     /// Forgets webhook ids received before `before`, and known changes older than both
@@ -657,41 +325,6 @@ impl Store {
     }
 }
 
-async fn insert_seen_change(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
-    id: &ConnectionId,
-    change_id: &str,
-    updated_at: Millis,
-    source: &str,
-    now: Millis,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO seen_changes (connection_id, change_id, updated_at, source, seen_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (connection_id, change_id, updated_at) DO NOTHING",
-    )
-    .bind(id.as_str())
-    .bind(change_id)
-    .bind(updated_at)
-    .bind(source)
-    .bind(now)
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
-}
-
-fn quiet_transition(health: Health, cause: Cause, now: Millis) -> Transition {
-    Transition {
-        from: health,
-        to: health,
-        cause,
-        at: now,
-        first_failure_at: None,
-        outcome: None,
-        error_code: None,
-        request_id: None,
-    }
-}
-
 /// Marks the connections of a batch active (last webhook, quiet over) and advances their
 /// watermarks, in one statement.
 async fn touch_activity(
@@ -721,4 +354,72 @@ async fn touch_activity(
     }
     query.execute(&mut **transaction).await?;
     Ok(())
+}
+
+impl Batch {
+    /// Adds one delivery: the first of its id is new (repeats are duplicates), one for no
+    /// active connection is stored all the same, the rest count as their connection's activity.
+    fn add(
+        &mut self,
+        delivery: &WebhookDelivery,
+        connection: Option<&ConnectionRow>,
+        inserted: &mut HashSet<(String, String)>,
+    ) -> Result<(), StoreError> {
+        if !inserted.remove(&(delivery.platform.clone(), delivery.webhook_id.clone())) {
+            self.results.push(WebhookStored::Duplicate);
+            return Ok(());
+        }
+        let Some(row) = connection else {
+            self.results.push(WebhookStored::UnknownConnection);
+            return Ok(());
+        };
+        let id = parse_id(&row.0)?;
+        if let Some(change_id) = &delivery.change_id {
+            self.changes.push((
+                row.0.clone(),
+                change_id.clone(),
+                delivery.change_updated.unwrap_or(-1),
+                delivery.received_at,
+            ));
+        }
+        let position = match self.activity.iter().position(|(known, _)| *known == id) {
+            Some(position) => position,
+            None => {
+                self.activity.push((id.clone(), Activity::default()));
+                self.activity.len() - 1
+            }
+        };
+        let entry = &mut self.activity[position].1;
+        entry.last = entry.last.max(delivery.received_at);
+        let credible = delivery
+            .change_updated
+            .map(|updated| watermark_candidate(updated, delivery.received_at));
+        entry.newest_change = entry.newest_change.max(credible);
+        entry.reauth |= delivery.reauth;
+        entry.reconnected |= delivery.reconnected;
+        self.results.push(WebhookStored::Accepted {
+            connection: id,
+            transition: None,
+        });
+        Ok(())
+    }
+
+    /// The first accepted delivery of `id` reports the health it entered.
+    fn note_entered(&mut self, id: &ConnectionId, entered: Option<Health>) {
+        if entered.is_none() {
+            return;
+        }
+        for result in self.results.iter_mut() {
+            if let WebhookStored::Accepted {
+                connection,
+                transition,
+            } = result
+                && connection == id
+                && transition.is_none()
+            {
+                *transition = entered;
+                return;
+            }
+        }
+    }
 }

@@ -27,12 +27,16 @@ use crate::clock::Clock;
 use crate::config::{PlatformConfig, PlatformWebhooks, SignatureScheme};
 use crate::domain::Millis;
 use crate::metrics::Metrics;
+use crate::rules::SharedRules;
 use crate::schedule::Event;
 use crate::store::{Store, WebhookDelivery, WebhookStored};
 use verify::{SignatureError, decode_standard_secret, verify_hex, verify_standard};
 
 /// Most deliveries committed in one transaction.
 const WRITE_BATCH: usize = 256;
+
+/// The longest webhook id stored as it is (`stored_webhook_id`).
+pub const WEBHOOK_ID_LIMIT: usize = 200;
 
 /// Signing keys, decoded once; never printed.
 struct Keys(Vec<Vec<u8>>);
@@ -78,10 +82,11 @@ impl WebhookState {
         metrics: Metrics,
         events: broadcast::Sender<Event>,
         clock: Clock,
+        rules: SharedRules,
     ) -> Result<WebhookState, KeyError> {
         let receivers = load_receivers(platforms, &metrics)?;
         let (writer, queue) = mpsc::channel(4 * WRITE_BATCH);
-        tokio::spawn(write_deliveries(store, queue, events));
+        tokio::spawn(write_deliveries(store, queue, events, rules));
         Ok(WebhookState {
             receivers: Arc::new(std::sync::RwLock::new(Arc::new(receivers))),
             writer,
@@ -168,16 +173,46 @@ async fn receive(
             .with_label_values(&[platform.as_str(), result])
             .inc();
     };
+    match read_delivery(&state, &platform, receiver, &headers, body) {
+        Ok(delivery) => store_delivery(&state, &platform, delivery, count).await,
+        Err(refused) => {
+            count(refused.result);
+            answer(refused.status, refused.answer)
+        }
+    }
+}
+
+/// A delivery refused before it is stored: the metric's result, the status and answer.
+struct Refused {
+    result: &'static str,
+    status: StatusCode,
+    answer: &'static str,
+}
+
+impl Refused {
+    fn new(result: &'static str, status: StatusCode) -> Refused {
+        Refused {
+            result,
+            status,
+            answer: result,
+        }
+    }
+}
+
+/// Checks size, signature and shape of a delivery, on the raw body.
+fn read_delivery(
+    state: &WebhookState,
+    platform: &str,
+    receiver: &Receiver,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<WebhookDelivery, Refused> {
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            count("too_large");
-            return answer(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+            return Err(Refused::new("too_large", StatusCode::PAYLOAD_TOO_LARGE));
         }
-        Err(_) => {
-            count("malformed");
-            return answer(StatusCode::BAD_REQUEST, "malformed");
-        }
+        Err(_) => return Err(Refused::new("malformed", StatusCode::BAD_REQUEST)),
     };
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let verified = match &receiver.profile.scheme {
@@ -194,9 +229,11 @@ async fn receive(
         }
     };
     if let Err(error) = verified {
-        count("bad_signature");
         tracing::warn!(platform = %platform, reason = %error, "webhook refused");
-        return answer(StatusCode::UNAUTHORIZED, signature_result(error));
+        return Err(Refused {
+            answer: signature_result(error),
+            ..Refused::new("bad_signature", StatusCode::UNAUTHORIZED)
+        });
     }
     let webhook_id = match &receiver.profile.scheme {
         SignatureScheme::Standard => header("webhook-id").map(str::to_owned),
@@ -210,12 +247,18 @@ async fn receive(
                 .unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(&body))),
         ),
     };
-    let Some(delivery) =
-        webhook_id.and_then(|id| parse(&platform, &receiver.profile, id, &body, state.clock.now()))
-    else {
-        count("malformed");
-        return answer(StatusCode::BAD_REQUEST, "malformed");
-    };
+    webhook_id
+        .and_then(|id| parse(platform, &receiver.profile, id, &body, state.clock.now()))
+        .ok_or(Refused::new("malformed", StatusCode::BAD_REQUEST))
+}
+
+/// Hands a verified delivery to the batching writer and answers once it is durable.
+async fn store_delivery(
+    state: &WebhookState,
+    platform: &str,
+    delivery: WebhookDelivery,
+    count: impl Fn(&str),
+) -> Response {
     // Debug level: what is logged above it names its fields itself, and a span at the
     // daemon's level formatted its fields on every delivery.
     let span =
@@ -256,6 +299,18 @@ async fn receive(
     }
 }
 
+/// The id a delivery is stored (and de-duplicated) under. Ids up to `WEBHOOK_ID_LIMIT`
+/// characters are kept as they are; a longer one keeps its beginning and a digest of the
+/// whole, so two ids sharing a long prefix stay two deliveries (cutting them made the
+/// second a "duplicate", lost for good).
+pub fn stored_webhook_id(raw: &str) -> String {
+    if raw.chars().count() <= WEBHOOK_ID_LIMIT {
+        return raw.to_owned();
+    }
+    let prefix: String = raw.chars().take(WEBHOOK_ID_LIMIT - 72).collect();
+    format!("{prefix}~sha256:{:x}", Sha256::digest(raw.as_bytes()))
+}
+
 fn signature_result(error: SignatureError) -> &'static str {
     match error {
         SignatureError::Missing => "missing_signature",
@@ -294,7 +349,7 @@ fn parse(
         .is_some_and(|kind| profile.reconnect_types.contains(kind));
     Some(WebhookDelivery {
         platform: platform.to_owned(),
-        webhook_id: crate::domain::bounded(&webhook_id, 200),
+        webhook_id: stored_webhook_id(&webhook_id),
         received_at,
         remote_id,
         event_type,
@@ -336,11 +391,12 @@ async fn write_deliveries(
     store: Store,
     mut queue: mpsc::Receiver<(WebhookDelivery, Reply)>,
     events: broadcast::Sender<Event>,
+    rules: SharedRules,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
         let (deliveries, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        match store.record_webhooks(&deliveries).await {
+        match store.record_webhooks(&deliveries, &rules.current()).await {
             Ok(results) => {
                 for (result, reply) in results.into_iter().zip(replies) {
                     if let WebhookStored::Accepted {
@@ -369,6 +425,20 @@ async fn write_deliveries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_webhook_ids_sharing_a_prefix_stay_apart() {
+        let common = "x".repeat(WEBHOOK_ID_LIMIT);
+        let first = stored_webhook_id(&format!("{common}-first"));
+        let second = stored_webhook_id(&format!("{common}-second"));
+        assert_ne!(first, second);
+        assert!(first.chars().count() <= WEBHOOK_ID_LIMIT, "{first}");
+        assert_eq!(
+            stored_webhook_id("msg_2KWPBgLlAfxdpx2AI54pPJ85f4W"),
+            "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W"
+        );
+        assert_eq!(stored_webhook_id(&common), common);
+    }
 
     #[test]
     fn times_are_read_from_rfc3339_or_epoch_numbers() {

@@ -76,7 +76,8 @@ pub fn verify_standard(
         .trim()
         .parse()
         .map_err(|_| SignatureError::BadTimestamp)?;
-    if (now - timestamp).abs() > TOLERANCE_SECS {
+    // `abs_diff`: a timestamp an age away (now - 2^63) must not overflow into "fresh".
+    if now.abs_diff(timestamp) > TOLERANCE_SECS.unsigned_abs() {
         return Err(SignatureError::Stale);
     }
     let candidates: Vec<Vec<u8>> = signatures
@@ -178,6 +179,30 @@ mod tests {
     fn the_specification_example_verifies() {
         assert_eq!(sign_standard(&keys()[0], ID, TIMESTAMP, BODY), SIGNATURE);
         assert_eq!(verify(&keys(), BODY, SIGNATURE, TIMESTAMP), Ok(()));
+    }
+
+    #[test]
+    fn a_timestamp_an_age_away_is_stale_not_an_overflow() {
+        let now = TIMESTAMP;
+        for far in [
+            now.wrapping_sub(i64::MIN),
+            i64::MIN,
+            i64::MAX,
+            now + i64::MIN,
+        ] {
+            assert_eq!(
+                verify_standard(
+                    &keys(),
+                    Some(ID),
+                    Some(&far.to_string()),
+                    Some(SIGNATURE),
+                    BODY,
+                    now,
+                ),
+                Err(SignatureError::Stale),
+                "timestamp {far}"
+            );
+        }
     }
 
     #[test]

@@ -530,9 +530,16 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
     let smtp = app.smtp();
     let store = &app.running.store;
     let now = app.now();
+    let digest = app
+        .running
+        .scheduler
+        .rules()
+        .current()
+        .daily_digest("2026-11-28", now)
+        .expect("[email] is configured");
     assert!(
         !store
-            .enqueue_daily_digest("2026-11-28", now)
+            .enqueue_daily_digest("2026-11-28", &digest, now)
             .await
             .expect("digest"),
         "nothing open, no digest"
@@ -544,7 +551,7 @@ async fn the_daily_digest_lists_open_incidents_once_per_local_date() {
     // other replicas) enqueue nothing more for the same date.
     for _ in 0..3 {
         store
-            .enqueue_daily_digest("2026-11-28", now)
+            .enqueue_daily_digest("2026-11-28", &digest, now)
             .await
             .expect("digest");
     }

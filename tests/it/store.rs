@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 
 use crate::helpers::{Kind, TestDb, both_backends};
-use connwatch::classify::{Policy, classify};
 use connwatch::domain::{ConnectionId, Health, Outcome, ProbeReport};
+use connwatch::rules::{Policy, Rules, classify};
 use connwatch::store::{Claimed, ProbeRecord, Store, SyncConnection};
 
 const POLICY: Policy = Policy {
@@ -12,6 +12,12 @@ const POLICY: Policy = Policy {
     unreachable_threshold: 3,
     confirm_after: 1_000,
     reauth_backoff: 60_000,
+};
+/// The rules of the store tests: no `[email]`, so no emails are planned.
+const RULES: Rules = Rules {
+    probe: POLICY,
+    mail: None,
+    storm: None,
 };
 
 fn id(raw: &str) -> ConnectionId {
@@ -441,13 +447,16 @@ async fn a_webhook_batch_is_matched_deduplicated_and_marks_activity(kind: Kind) 
             body: "{}".into(),
         };
     let results = store
-        .record_webhooks(&[
-            delivery("m1", "conn_b", Some(500), 1_000),
-            delivery("m2", "conn_a", Some(700), 1_100),
-            delivery("m3", "conn_gone", None, 1_200),
-            delivery("m1", "conn_b", Some(500), 1_300),
-            delivery("m4", "conn_b", Some(400), 1_400),
-        ])
+        .record_webhooks(
+            &[
+                delivery("m1", "conn_b", Some(500), 1_000),
+                delivery("m2", "conn_a", Some(700), 1_100),
+                delivery("m3", "conn_gone", None, 1_200),
+                delivery("m1", "conn_b", Some(500), 1_300),
+                delivery("m4", "conn_b", Some(400), 1_400),
+            ],
+            &RULES,
+        )
         .await
         .expect("record");
     let summary: Vec<String> = results
@@ -489,7 +498,7 @@ async fn a_webhook_batch_is_matched_deduplicated_and_marks_activity(kind: Kind) 
         (None, None)
     );
     let again = store
-        .record_webhooks(&[delivery("m2", "conn_a", Some(700), 2_000)])
+        .record_webhooks(&[delivery("m2", "conn_a", Some(700), 2_000)], &RULES)
         .await
         .expect("record again");
     assert!(matches!(again[..], [WebhookStored::Duplicate]));
@@ -628,7 +637,10 @@ async fn the_wal_starts_over_under_back_to_back_writes() {
                         body: "x".repeat(2048),
                     })
                     .collect();
-                store.record_webhooks(&deliveries).await.expect("record");
+                store
+                    .record_webhooks(&deliveries, &RULES)
+                    .await
+                    .expect("record");
                 written += 50 * 2048;
             }
             written
