@@ -124,26 +124,11 @@ fn the_demo_tour_detects_the_credential_change_and_the_recovery() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
-    let fixture = test_app(Kind::Sqlite).prepare().await;
-    let token = token_of("acme");
-    let config = fixture.config_file();
-    let (mut child, log, address) = spawn_daemon(&config);
+/// What the daemon at `base` and the commands beside it answer: the API, metrics and
+/// readiness, a probe asked for, `status`, `probe` and `check-config`.
+async fn answers(base: &str, config: &std::path::Path) -> String {
     let client = reqwest::Client::new();
-    let base = format!("http://{address}");
     let mut answers = String::new();
-    let wait_health = async |wanted: &str| {
-        eventually(Duration::from_secs(10), wanted, || async {
-            (api_health(&address, "acme").await? == wanted).then_some(())
-        })
-        .await
-    };
-    wait_health("healthy").await;
-    fixture.platform.set(&token, Behaviour::Revoked);
-    wait_health("needs_reauth").await;
-    let rotated = fixture.rotate_token("acme");
-    wait_health("healthy").await;
     for path in [
         "/metrics",
         "/api/v1/connections",
@@ -182,6 +167,27 @@ async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
         answers.push_str(&stdout);
         answers.push_str(&stderr);
     }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
+    let fixture = test_app(Kind::Sqlite).prepare().await;
+    let token = token_of("acme");
+    let config = fixture.config_file();
+    let (mut child, log, address) = spawn_daemon(&config);
+    let wait_health = async |wanted: &str| {
+        eventually(Duration::from_secs(10), wanted, || async {
+            (api_health(&address, "acme").await? == wanted).then_some(())
+        })
+        .await
+    };
+    wait_health("healthy").await;
+    fixture.platform.set(&token, Behaviour::Revoked);
+    wait_health("needs_reauth").await;
+    let rotated = fixture.rotate_token("acme");
+    wait_health("healthy").await;
+    let answers = answers(&format!("http://{address}"), &config).await;
     assert!(
         answers.contains("\"acme\""),
         "the answers were captured: {answers}"

@@ -11,14 +11,12 @@ use connwatch::demo::platform::{Behaviour, FakePlatform};
 
 use crate::helpers::app::Fixture;
 use crate::helpers::process::{
-    BINARY, Daemon, api_health, nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi,
+    BINARY, Daemon, Log, api_health, nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi,
 };
 use crate::helpers::{
     Conn, Kind, RELAY_SECRET, TestDb, WEBHOOK_SECRET, config_text, eventually, test_app,
     token_file, token_of,
 };
-
-type Log = std::sync::Arc<std::sync::Mutex<String>>;
 
 async fn listed_ids(admin: &str) -> Option<BTreeSet<String>> {
     let answer: serde_json::Value = reqwest::get(format!("http://{admin}/api/v1/connections"))
@@ -192,6 +190,64 @@ fn families(metrics: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// `promtool check metrics` finds nothing to say about `metrics`.
+fn promtool_check_metrics(metrics: &str) {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("write");
+    let output = check.wait_with_output().expect("promtool");
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && complaints.trim().is_empty(),
+        "promtool check metrics: {complaints}"
+    );
+}
+
+/// Every metric name in the alert rules, their tests and the dashboard.
+fn metrics_named_in_rules_and_dashboard() -> BTreeSet<String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut used = BTreeSet::new();
+    for file in [
+        "alerts/connwatch.rules.yml",
+        "alerts/connwatch.rules.test.yml",
+        "grafana/connwatch.json",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).expect("read");
+        let bytes = text.as_bytes();
+        let mut index = 0;
+        while let Some(found) = text[index..].find("connwatch_") {
+            let start = index + found;
+            let end = start
+                + text[start..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(text.len() - start);
+            let preceded =
+                start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            // A bare prefix (a regex such as connwatch_.*) names no metric.
+            if !preceded && !text[start..end].ends_with('_') {
+                used.insert(text[start..end].to_owned());
+            }
+            index = end;
+        }
+    }
+    used
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn promtool_accepts_the_live_metrics_and_every_metric_in_rules_and_dashboard_is_exported() {
     let (fixture, mut child, admin, _log) = full_daemon().await;
@@ -218,60 +274,13 @@ async fn promtool_accepts_the_live_metrics_and_every_metric_in_rules_and_dashboa
         },
     )
     .await;
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
-    let mut check = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; .ci/run installs it)");
-    check
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(metrics.as_bytes())
-        .expect("write");
-    let output = check.wait_with_output().expect("promtool");
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success() && complaints.trim().is_empty(),
-        "promtool check metrics: {complaints}"
-    );
+    promtool_check_metrics(&metrics);
 
     let exported = families(&metrics);
     for required in REQUIRED_FAMILIES {
         assert!(exported.contains(required), "{required} not exported");
     }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut used = BTreeSet::new();
-    for file in [
-        "alerts/connwatch.rules.yml",
-        "alerts/connwatch.rules.test.yml",
-        "grafana/connwatch.json",
-    ] {
-        let text = std::fs::read_to_string(format!("{root}/{file}")).expect("read");
-        let bytes = text.as_bytes();
-        let mut index = 0;
-        while let Some(found) = text[index..].find("connwatch_") {
-            let start = index + found;
-            let end = start
-                + text[start..]
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(text.len() - start);
-            let preceded =
-                start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
-            // A bare prefix (a regex such as connwatch_.*) names no metric.
-            if !preceded && !text[start..end].ends_with('_') {
-                used.insert(text[start..end].to_owned());
-            }
-            index = end;
-        }
-    }
+    let used = metrics_named_in_rules_and_dashboard();
     let missing: Vec<&String> = used
         .iter()
         .filter(|name| {

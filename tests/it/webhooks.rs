@@ -17,6 +17,8 @@ use crate::helpers::{
 };
 
 type Headers = Vec<(&'static str, String)>;
+/// A delivery of the contract: what it is, its headers and body, the expected status.
+type Case = (&'static str, Headers, String, u16);
 
 fn signed(id: &str, timestamp: i64, body: &str, secret: &str) -> Headers {
     let key = decode_standard_secret(secret).expect("secret");
@@ -63,13 +65,11 @@ fn change_event(remote: &str, change_id: &str, updated_ms: i64) -> String {
     .to_string()
 }
 
-#[tokio::test]
-async fn deliveries_are_verified_and_answered_as_the_contract_says() {
-    let app = test_app(Kind::Sqlite).webhooks("").spawn().await;
-    let client = reqwest::Client::new();
-    let now = now_millis() / 1000;
-    let body = change_event("conn_acme", "rec_1", now_millis());
-    let cases: Vec<(&str, Headers, String, u16)> = vec![
+/// Deliveries signed at `now` (seconds) and what each must be answered: a valid one, a
+/// duplicate, tampered, wrongly signed, stale, future, unsigned, malformed, unknown.
+fn contract_cases(now: i64, body: &str) -> Vec<Case> {
+    let body = body.to_owned();
+    vec![
         (
             "valid",
             signed("msg_1", now, &body, SECRET),
@@ -125,8 +125,16 @@ async fn deliveries_are_verified_and_answered_as_the_contract_says() {
             change_event("conn_nobody", "r", 1),
             202,
         ),
-    ];
-    for (case, headers, body, expected) in cases {
+    ]
+}
+
+#[tokio::test]
+async fn deliveries_are_verified_and_answered_as_the_contract_says() {
+    let app = test_app(Kind::Sqlite).webhooks("").spawn().await;
+    let client = reqwest::Client::new();
+    let now = now_millis() / 1000;
+    let body = change_event("conn_acme", "rec_1", now_millis());
+    for (case, headers, body, expected) in contract_cases(now, &body) {
         let (status, answer) = deliver(&client, &app, "makini", headers, body).await;
         assert_eq!(status, expected, "{case}: {answer}");
     }
@@ -348,6 +356,63 @@ impl RelayReceiver {
     }
 }
 
+/// Delivers a signed webhook (id `msg_CHANGE`) of acme's change `change`, updated at
+/// `updated_ms`; returns the status.
+async fn deliver_change(
+    client: &reqwest::Client,
+    app: &TestApp,
+    change: &str,
+    updated_ms: i64,
+) -> u16 {
+    let body = change_event("conn_acme", change, updated_ms);
+    let headers = signed(&format!("msg_{change}"), now_millis() / 1000, &body, SECRET);
+    deliver(client, app, "makini", headers, body).await.0
+}
+
+/// The `modified_after` time of a recent-changes query.
+fn since(query: &str) -> i64 {
+    let url = reqwest::Url::parse(&format!("http://x/?{query}")).expect("url");
+    let (_, value) = url.query_pairs().next().expect("param");
+    connwatch::domain::time::parse_rfc3339(&value).expect("time")
+}
+
+/// Exactly the `expected` changes were relayed, each once.
+fn assert_relayed_once(received: &HashMap<String, u32>, expected: &[&str]) {
+    let mut changes: Vec<_> = received.keys().cloned().collect();
+    changes.sort();
+    assert_eq!(
+        changes, expected,
+        "exactly the changes no webhook delivered"
+    );
+    assert!(
+        received.values().all(|count| *count == 1),
+        "each relayed once: {received:?}"
+    );
+}
+
+/// A webhook (change c7, updated at `updated_ms`) ends acme's quiet period; both show
+/// in its transitions.
+async fn assert_a_webhook_ends_the_quiet_period(
+    client: &reqwest::Client,
+    app: &TestApp,
+    updated_ms: i64,
+) {
+    assert_eq!(deliver_change(client, app, "c7", updated_ms).await, 200);
+    let summary = app.summary("acme").await.expect("acme");
+    assert!(!summary.quiet);
+    let causes: Vec<String> = app
+        .detail("acme")
+        .await
+        .transitions
+        .iter()
+        .map(|t| t.cause.clone())
+        .collect();
+    assert!(
+        causes.contains(&"quiet".to_owned()) && causes.contains(&"webhooks_resumed".to_owned()),
+        "{causes:?}"
+    );
+}
+
 async fn a_quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: Kind) {
     let relay = RelayReceiver::start().await;
     *relay.refuse.lock().expect("lock") = 1;
@@ -363,16 +428,10 @@ async fn a_quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: 
     let base = now_millis();
     // Webhooks delivered c1 and c2; the platform also has c3..c6 that no webhook brought.
     for (index, change) in ["c1", "c2"].iter().enumerate() {
-        let body = change_event("conn_acme", change, base + index as i64);
-        let (status, _) = deliver(
-            &client,
-            &app,
-            "makini",
-            signed(&format!("msg_{change}"), base / 1000, &body, SECRET),
-            body,
-        )
-        .await;
-        assert_eq!(status, 200);
+        assert_eq!(
+            deliver_change(&client, &app, change, base + index as i64).await,
+            200
+        );
     }
     for (index, change) in ["c1", "c2", "c3", "c4", "c5", "c6"].iter().enumerate() {
         app.platform.add_change(&token, change, base + index as i64);
@@ -395,17 +454,8 @@ async fn a_quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: 
     assert!(summary.quiet, "quiet after expected interval + grace");
     let first = app.platform.change_queries()[0].clone();
     assert!(first.starts_with("modified_after="), "{first}");
-    let since = connwatch::domain::time::parse_rfc3339(
-        &reqwest::Url::parse(&format!("http://x/?{first}"))
-            .expect("url")
-            .query_pairs()
-            .next()
-            .expect("param")
-            .1,
-    )
-    .expect("time");
     assert_eq!(
-        since,
+        since(&first),
         base + 1 - 1000,
         "from the watermark (newest webhook change) less the overlap"
     );
@@ -424,18 +474,7 @@ async fn a_quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: 
         },
     )
     .await;
-    let received = relay.received();
-    let mut changes: Vec<_> = received.keys().cloned().collect();
-    changes.sort();
-    assert_eq!(
-        changes,
-        vec!["c3", "c4", "c5", "c6"],
-        "exactly the changes no webhook delivered"
-    );
-    assert!(
-        received.values().all(|count| *count == 1),
-        "each relayed once: {received:?}"
-    );
+    assert_relayed_once(&relay.received(), &["c3", "c4", "c5", "c6"]);
     let resumed = &restarted.platform.change_queries()[queries_before_restart];
     assert!(
         resumed.contains("cursor=4") && resumed.contains(&first),
@@ -446,30 +485,7 @@ async fn a_quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: 
         summary.watermark.expect("watermark") >= base + 5,
         "watermark moved to the newest change"
     );
-    // A webhook ends the quiet period.
-    let body = change_event("conn_acme", "c7", base + 10);
-    let (status, _) = deliver(
-        &client,
-        &restarted,
-        "makini",
-        signed("msg_c7", now_millis() / 1000, &body, SECRET),
-        body,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let summary = restarted.summary("acme").await.expect("acme");
-    assert!(!summary.quiet);
-    let causes: Vec<String> = restarted
-        .detail("acme")
-        .await
-        .transitions
-        .iter()
-        .map(|t| t.cause.clone())
-        .collect();
-    assert!(
-        causes.contains(&"quiet".to_owned()) && causes.contains(&"webhooks_resumed".to_owned()),
-        "{causes:?}"
-    );
+    assert_a_webhook_ends_the_quiet_period(&client, &restarted, base + 10).await;
     restarted.shutdown().await;
 }
 
