@@ -21,6 +21,7 @@ use crate::config::secret::FileStamp;
 use crate::domain::ConnectionId;
 use crate::jobs::CronJobs;
 use crate::leader::Leadership;
+use crate::listen::Limits;
 use crate::metrics::Metrics;
 use crate::poll::Poller;
 use crate::probe::Prober;
@@ -226,14 +227,13 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         metrics.clone(),
         cancel.clone(),
     )));
-    let admin_cancel = cancel.clone();
-    background.push(tokio::spawn(async move {
-        let serve = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { admin_cancel.cancelled().await });
-        if let Err(error) = serve.await {
-            tracing::error!(%error, "admin listener failed");
-        }
-    }));
+    background.push(tokio::spawn(crate::listen::serve(
+        listener,
+        router,
+        Limits::ADMIN,
+        cancel.clone(),
+        "admin",
+    )));
     let mut webhook_addr = None;
     let mut webhook_state = None;
     if let Some(address) = config.server.webhooks {
@@ -254,14 +254,13 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         webhook_addr = Some(bound);
         webhook_state = Some(state.clone());
         let router = webhook::router(state, config.server.webhook_max_bytes);
-        let webhook_cancel = cancel.clone();
-        background.push(tokio::spawn(async move {
-            let serve = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { webhook_cancel.cancelled().await });
-            if let Err(error) = serve.await {
-                tracing::error!(%error, "webhook listener failed");
-            }
-        }));
+        background.push(tokio::spawn(crate::listen::serve(
+            listener,
+            router,
+            Limits::WEBHOOKS,
+            cancel.clone(),
+            "webhooks",
+        )));
     }
     let probes = TaskTracker::new();
     if config

@@ -28,6 +28,9 @@ pub mod probe;
 /// Who is due; probes them; batches the results into the store.
 pub mod schedule;
 
+/// Serving a listener with connection limits and timeouts.
+pub mod listen;
+
 /// The webhook listener: verify, parse, store, answer.
 pub mod webhook;
 
