@@ -1,132 +1,24 @@
 //! Webhooks, quiet detection, the polling fallback and the relay, end to end over real HTTP.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use common::now_millis;
-use common::{Conn, Kind, TestDb, config_text, eventually, parse, token_file};
-use connwatch::app::{self, Hooks, Running};
-use connwatch::demo::platform::{Behaviour, FakePlatform};
-use connwatch::domain::{ConnectionId, Health};
+use connwatch::demo::platform::Behaviour;
+use connwatch::domain::{Health, Outcome};
 use connwatch::webhook::verify::{
     decode_standard_secret, sign_hex, sign_standard, verify_standard,
 };
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const RELAY_SECRET: &str = "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQQ==";
-const NANGO_SECRET: &str = "nango-signing-secret-0123456789";
-
-struct Setup {
-    db: TestDb,
-    platform: FakePlatform,
-    running: Running,
-    relay: Option<RelayReceiver>,
-    text: String,
-}
-
-/// Writes secrets and builds a config with webhooks (+ changes, + relay when asked).
-async fn setup(kind: Kind, ids: &[&str], webhooks: &str, relay: bool) -> Setup {
-    setup_with_interval(kind, ids, webhooks, relay, "1s").await
-}
-
-async fn setup_with_interval(
-    kind: Kind,
-    ids: &[&str],
-    webhooks: &str,
-    relay: bool,
-    probe_interval: &str,
-) -> Setup {
-    let db = TestDb::new(kind).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    std::fs::write(db.path().join("webhook.secret"), SECRET).expect("secret");
-    std::fs::write(db.path().join("nango.secret"), NANGO_SECRET).expect("secret");
-    std::fs::write(db.path().join("relay.secret"), RELAY_SECRET).expect("secret");
-    let connections: Vec<Conn> = ids
-        .iter()
-        .map(|id| {
-            let token = format!("tok-{id}");
-            platform.set(&token, Behaviour::Healthy);
-            Conn {
-                id,
-                platform: "makini",
-                token_file: token_file(db.path(), id, &token),
-            }
-        })
-        .collect();
-    let mut text = config_text(
-        &db.url,
-        &[
-            ("makini", platform.base_url()),
-            ("nango", platform.base_url()),
-        ],
-        &connections,
-        "",
-    )
-    .replace(
-        "interval = \"1s\"",
-        &format!("interval = \"{probe_interval}\""),
-    )
-    .replace(
-        "admin = \"127.0.0.1:0\"",
-        "admin = \"127.0.0.1:0\"\nwebhooks = \"127.0.0.1:0\"\nwebhook_max_bytes = 4096",
-    );
-    let folder = db.path().display();
-    text.push_str(&format!(
-        r#"
-[platforms.makini.webhooks]
-secrets = [{{ file = "{folder}/webhook.secret" }}]
-connection_pointer = "/connectionId"
-type_pointer = "/type"
-reauth_types = ["connection.reauthorization_required"]
-change_id_pointer = "/data/id"
-change_updated_pointer = "/data/_updatedAt"
-
-[platforms.makini.changes]
-path = "/v1/changes"
-since_param = "modified_after"
-items_pointer = "/data"
-next_pointer = "/next"
-cursor_param = "cursor"
-id_pointer = "/id"
-updated_pointer = "/_updatedAt"
-
-[platforms.nango.webhooks]
-scheme = "hmac-sha256-hex"
-signature_header = "x-nango-hmac-sha256"
-secrets = [{{ file = "{folder}/nango.secret" }}]
-connection_pointer = "/connectionId"
-
-[webhooks]
-{webhooks}
-"#
-    ));
-    let relay = if relay {
-        let receiver = RelayReceiver::start().await;
-        text.push_str(&format!(
-            "\n[relay]\nurl = \"http://{}/recovered\"\nsecret = {{ file = \"{folder}/relay.secret\" }}\ntimeout = \"2s\"\n",
-            receiver.addr
-        ));
-        Some(receiver)
-    } else {
-        None
-    };
-    let running = app::start(parse(&text), Hooks::default())
-        .await
-        .expect("start");
-    Setup {
-        db,
-        platform,
-        running,
-        relay,
-        text,
-    }
-}
+use crate::helpers::{
+    Kind, NANGO_SECRET, RELAY_SECRET, TestApp, WEBHOOK_SECRET as SECRET, both_backends, eventually,
+    now_millis, test_app, token_of,
+};
 
 type Headers = Vec<(&'static str, String)>;
+/// A delivery of the contract: what it is, its headers and body, the expected status.
+type Case = (&'static str, Headers, String, u16);
 
 fn signed(id: &str, timestamp: i64, body: &str, secret: &str) -> Headers {
     let key = decode_standard_secret(secret).expect("secret");
@@ -142,14 +34,14 @@ fn signed(id: &str, timestamp: i64, body: &str, secret: &str) -> Headers {
 
 async fn deliver(
     client: &reqwest::Client,
-    running: &Running,
+    app: &TestApp,
     platform: &str,
     headers: Vec<(&'static str, String)>,
     body: String,
 ) -> (u16, String) {
     let url = format!(
         "http://{}/webhooks/{platform}",
-        running.webhook_addr.expect("webhook listener")
+        app.webhook_addr.expect("webhook listener")
     );
     let mut request = client
         .post(url)
@@ -173,28 +65,11 @@ fn change_event(remote: &str, change_id: &str, updated_ms: i64) -> String {
     .to_string()
 }
 
-async fn metric(running: &Running, needle: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", running.admin_addr))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find(|line| line.starts_with(needle))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0)
-}
-
-#[tokio::test]
-async fn deliveries_are_verified_and_answered_as_the_contract_says() {
-    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
-    let client = reqwest::Client::new();
-    let now = now_millis() / 1000;
-    let body = change_event("conn_acme", "rec_1", now_millis());
-    let running = &setup.running;
-    let cases: Vec<(&str, Headers, String, u16)> = vec![
+/// Deliveries signed at `now` (seconds) and what each must be answered: a valid one, a
+/// duplicate, tampered, wrongly signed, stale, future, unsigned, malformed, unknown.
+fn contract_cases(now: i64, body: &str) -> Vec<Case> {
+    let body = body.to_owned();
+    vec![
         (
             "valid",
             signed("msg_1", now, &body, SECRET),
@@ -250,9 +125,17 @@ async fn deliveries_are_verified_and_answered_as_the_contract_says() {
             change_event("conn_nobody", "r", 1),
             202,
         ),
-    ];
-    for (case, headers, body, expected) in cases {
-        let (status, answer) = deliver(&client, running, "makini", headers, body).await;
+    ]
+}
+
+#[tokio::test]
+async fn deliveries_are_verified_and_answered_as_the_contract_says() {
+    let app = test_app(Kind::Sqlite).webhooks("").spawn().await;
+    let client = reqwest::Client::new();
+    let now = now_millis() / 1000;
+    let body = change_event("conn_acme", "rec_1", now_millis());
+    for (case, headers, body, expected) in contract_cases(now, &body) {
+        let (status, answer) = deliver(&client, &app, "makini", headers, body).await;
         assert_eq!(status, expected, "{case}: {answer}");
     }
     let large = format!(
@@ -261,7 +144,7 @@ async fn deliveries_are_verified_and_answered_as_the_contract_says() {
     );
     let (status, _) = deliver(
         &client,
-        running,
+        &app,
         "makini",
         signed("msg_9", now, &large, SECRET),
         large.clone(),
@@ -269,28 +152,13 @@ async fn deliveries_are_verified_and_answered_as_the_contract_says() {
     .await;
     assert_eq!(status, 413, "over webhook_max_bytes");
 
+    let store = &app.running.store;
+    assert!(store.webhook_stored("makini", "msg_1").await.expect("read"));
     assert!(
-        running
-            .store
-            .webhook_stored("makini", "msg_1")
-            .await
-            .expect("read")
-    );
-    assert!(
-        running
-            .store
-            .webhook_stored("makini", "msg_8")
-            .await
-            .expect("read"),
+        store.webhook_stored("makini", "msg_8").await.expect("read"),
         "unknown connections are stored"
     );
-    assert!(
-        !running
-            .store
-            .webhook_stored("makini", "msg_2")
-            .await
-            .expect("read")
-    );
+    assert!(!store.webhook_stored("makini", "msg_2").await.expect("read"));
     for (result, count) in [
         ("accepted", 1.0),
         ("duplicate", 1.0),
@@ -301,27 +169,22 @@ async fn deliveries_are_verified_and_answered_as_the_contract_says() {
     ] {
         let needle =
             format!("connwatch_webhooks_received_total{{platform=\"makini\",result=\"{result}\"}}");
-        assert_eq!(metric(running, &needle).await, count, "{result}");
+        assert_eq!(app.metric(&needle).await, count, "{result}");
     }
-    let acme = running
-        .store
-        .list_connections()
-        .await
-        .expect("list")
-        .remove(0);
+    let acme = app.summary("acme").await.expect("acme");
     assert!(acme.last_webhook_at.is_some(), "activity recorded");
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn hex_hmac_signatures_are_verified_for_platforms_that_use_them() {
-    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
+    let app = test_app(Kind::Sqlite).webhooks("").spawn().await;
     let client = reqwest::Client::new();
     let body = "{\"connectionId\":\"conn_acme\",\"type\":\"sync\"}".to_owned();
     let good = sign_hex(NANGO_SECRET.as_bytes(), body.as_bytes());
     let (status, _) = deliver(
         &client,
-        &setup.running,
+        &app,
         "nango",
         vec![("x-nango-hmac-sha256", good)],
         body.clone(),
@@ -334,19 +197,19 @@ async fn hex_hmac_signatures_are_verified_for_platforms_that_use_them() {
     let bad = sign_hex(b"another-secret-entirely-123", body.as_bytes());
     let (status, _) = deliver(
         &client,
-        &setup.running,
+        &app,
         "nango",
         vec![("x-nango-hmac-sha256", bad)],
         body,
     )
     .await;
     assert_eq!(status, 401);
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_thousand_concurrent_deliveries_of_a_hundred_ids_store_exactly_a_hundred() {
-    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
+    let app = test_app(Kind::Sqlite).webhooks("").spawn().await;
     let client = reqwest::Client::new();
     let now = now_millis() / 1000;
     let mut tasks = Vec::new();
@@ -361,7 +224,7 @@ async fn a_thousand_concurrent_deliveries_of_a_hundred_ids_store_exactly_a_hundr
         let client = client.clone();
         let url = format!(
             "http://{}/webhooks/makini",
-            setup.running.webhook_addr.expect("listener")
+            app.webhook_addr.expect("listener")
         );
         tasks.push(tokio::spawn(async move {
             let mut request = client.post(url).body(body);
@@ -375,62 +238,45 @@ async fn a_thousand_concurrent_deliveries_of_a_hundred_ids_store_exactly_a_hundr
         assert_eq!(task.await.expect("task"), 200);
     }
     assert_eq!(
-        setup
-            .running
+        app.running
             .store
             .webhook_count("makini")
             .await
             .expect("count"),
         100
     );
-    let running = &setup.running;
     assert_eq!(
-        metric(
-            running,
-            "connwatch_webhooks_received_total{platform=\"makini\",result=\"accepted\"}"
-        )
-        .await,
+        app.metric("connwatch_webhooks_received_total{platform=\"makini\",result=\"accepted\"}")
+            .await,
         100.0
     );
     assert_eq!(
-        metric(
-            running,
-            "connwatch_webhooks_received_total{platform=\"makini\",result=\"duplicate\"}"
-        )
-        .await,
+        app.metric("connwatch_webhooks_received_total{platform=\"makini\",result=\"duplicate\"}")
+            .await,
         900.0
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_reauth_webhook_moves_the_connection_to_needs_reauth_and_triggers_a_probe() {
-    let setup = setup(Kind::Sqlite, &["acme"], "", false).await;
-    let running = &setup.running;
-    eventually(Duration::from_secs(5), "first probe", || async {
-        (running.store.list_connections().await.ok()?[0].health == Health::Healthy).then_some(())
-    })
-    .await;
-    setup.platform.set("tok-acme", Behaviour::Revoked);
-    let before = setup.platform.requests("tok-acme");
+    let app = test_app(Kind::Sqlite).webhooks("").spawn().await;
+    let token = token_of("acme");
+    app.wait_health("acme", Health::Healthy).await;
+    app.platform.set(&token, Behaviour::Revoked);
+    let before = app.platform.requests(&token);
     let body = serde_json::json!({"type": "connection.reauthorization_required", "connectionId": "conn_acme"}).to_string();
     let now = now_millis() / 1000;
     let (status, _) = deliver(
         &reqwest::Client::new(),
-        running,
+        &app,
         "makini",
         signed("msg_r", now, &body, SECRET),
         body,
     )
     .await;
     assert_eq!(status, 200);
-    let id = ConnectionId::parse("acme").expect("id");
-    let detail = running
-        .store
-        .connection_detail(&id)
-        .await
-        .expect("read")
-        .expect("exists");
+    let detail = app.detail("acme").await;
     assert_eq!(
         detail.summary.health,
         Health::NeedsReauth,
@@ -438,10 +284,10 @@ async fn a_reauth_webhook_moves_the_connection_to_needs_reauth_and_triggers_a_pr
     );
     assert_eq!(detail.transitions[0].cause, "webhook");
     eventually(Duration::from_secs(3), "a confirming probe", || async {
-        (setup.platform.requests("tok-acme") > before).then_some(())
+        (app.platform.requests(&token) > before).then_some(())
     })
     .await;
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }
 
 /// Receives relayed changes, checks their signatures, can refuse the first N.
@@ -510,137 +356,53 @@ impl RelayReceiver {
     }
 }
 
-async fn quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: Kind) {
-    let webhooks =
-        "expected_interval = \"1s\"\ngrace = \"500ms\"\npoll_interval = \"1s\"\noverlap = \"1s\"";
-    let mut setup = setup(kind, &["acme"], webhooks, true).await;
-    let client = reqwest::Client::new();
-    let relay = setup.relay.take().expect("relay");
-    *relay.refuse.lock().expect("lock") = 1;
-    let base = now_millis();
-    // Webhooks delivered c1 and c2; the platform also has c3..c6 that no webhook brought.
-    for (index, change) in ["c1", "c2"].iter().enumerate() {
-        let body = change_event("conn_acme", change, base + index as i64);
-        let (status, _) = deliver(
-            &client,
-            &setup.running,
-            "makini",
-            signed(&format!("msg_{change}"), base / 1000, &body, SECRET),
-            body,
-        )
-        .await;
-        assert_eq!(status, 200);
-    }
-    for (index, change) in ["c1", "c2", "c3", "c4", "c5", "c6"].iter().enumerate() {
-        setup
-            .platform
-            .add_change("tok-acme", change, base + index as i64);
-    }
-    // The third page fails: pagination is interrupted mid-way; then the daemon restarts.
-    setup.platform.fail_from_page(Some(2));
-    eventually(
-        Duration::from_secs(10),
-        "a quiet poll reaching page 3",
-        || async {
-            (setup
-                .platform
-                .change_queries()
-                .iter()
-                .any(|query| query.contains("cursor=4")))
-            .then_some(())
-        },
-    )
-    .await;
-    let summary = setup
-        .running
-        .store
-        .list_connections()
-        .await
-        .expect("list")
-        .remove(0);
-    assert!(summary.quiet, "quiet after expected interval + grace");
-    let first = setup.platform.change_queries()[0].clone();
-    assert!(first.starts_with("modified_after="), "{first}");
-    let since = connwatch::domain::time::parse_rfc3339(
-        &reqwest::Url::parse(&format!("http://x/?{first}"))
-            .expect("url")
-            .query_pairs()
-            .next()
-            .expect("param")
-            .1,
-    )
-    .expect("time");
-    assert_eq!(
-        since,
-        base + 1 - 1000,
-        "from the watermark (newest webhook change) less the overlap"
-    );
-    setup.running.shutdown().await;
-    let queries_before_restart = setup.platform.change_queries().len();
+/// Delivers a signed webhook (id `msg_CHANGE`) of acme's change `change`, updated at
+/// `updated_ms`; returns the status.
+async fn deliver_change(
+    client: &reqwest::Client,
+    app: &TestApp,
+    change: &str,
+    updated_ms: i64,
+) -> u16 {
+    let body = change_event("conn_acme", change, updated_ms);
+    let headers = signed(&format!("msg_{change}"), now_millis() / 1000, &body, SECRET);
+    deliver(client, app, "makini", headers, body).await.0
+}
 
-    setup.platform.fail_from_page(None);
-    let restarted = app::start(parse(&setup.text), Hooks::default())
-        .await
-        .expect("restart");
-    eventually(
-        Duration::from_secs(15),
-        "every missed change relayed",
-        || async { (relay.received().len() == 4).then_some(()) },
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let received = relay.received();
+/// The `modified_after` time of a recent-changes query.
+fn since(query: &str) -> i64 {
+    let url = reqwest::Url::parse(&format!("http://x/?{query}")).expect("url");
+    let (_, value) = url.query_pairs().next().expect("param");
+    connwatch::domain::time::parse_rfc3339(&value).expect("time")
+}
+
+/// Exactly the `expected` changes were relayed, each once.
+fn assert_relayed_once(received: &HashMap<String, u32>, expected: &[&str]) {
     let mut changes: Vec<_> = received.keys().cloned().collect();
     changes.sort();
     assert_eq!(
-        changes,
-        vec!["c3", "c4", "c5", "c6"],
+        changes, expected,
         "exactly the changes no webhook delivered"
     );
     assert!(
         received.values().all(|count| *count == 1),
         "each relayed once: {received:?}"
     );
-    let resumed = &setup.platform.change_queries()[queries_before_restart];
-    assert!(
-        resumed.contains("cursor=4") && resumed.contains(&first),
-        "resumed from the stored cursor: {resumed}"
-    );
-    let summary = restarted
-        .store
-        .list_connections()
-        .await
-        .expect("list")
-        .remove(0);
-    assert!(
-        summary.watermark.expect("watermark") >= base + 5,
-        "watermark moved to the newest change"
-    );
-    // A webhook ends the quiet period.
-    let body = change_event("conn_acme", "c7", base + 10);
-    let (status, _) = deliver(
-        &client,
-        &restarted,
-        "makini",
-        signed("msg_c7", now_millis() / 1000, &body, SECRET),
-        body,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let summary = restarted
-        .store
-        .list_connections()
-        .await
-        .expect("list")
-        .remove(0);
+}
+
+/// A webhook (change c7, updated at `updated_ms`) ends acme's quiet period; both show
+/// in its transitions.
+async fn assert_a_webhook_ends_the_quiet_period(
+    client: &reqwest::Client,
+    app: &TestApp,
+    updated_ms: i64,
+) {
+    assert_eq!(deliver_change(client, app, "c7", updated_ms).await, 200);
+    let summary = app.summary("acme").await.expect("acme");
     assert!(!summary.quiet);
-    let id = ConnectionId::parse("acme").expect("id");
-    let causes: Vec<String> = restarted
-        .store
-        .connection_detail(&id)
+    let causes: Vec<String> = app
+        .detail("acme")
         .await
-        .expect("read")
-        .expect("exists")
         .transitions
         .iter()
         .map(|t| t.cause.clone())
@@ -649,58 +411,114 @@ async fn quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: Ki
         causes.contains(&"quiet".to_owned()) && causes.contains(&"webhooks_resumed".to_owned()),
         "{causes:?}"
     );
+}
+
+async fn a_quiet_connection_is_polled_and_missed_changes_are_relayed_once(kind: Kind) {
+    let relay = RelayReceiver::start().await;
+    *relay.refuse.lock().expect("lock") = 1;
+    let app = test_app(kind)
+        .webhooks(
+            "expected_interval = \"1s\"\ngrace = \"500ms\"\npoll_interval = \"1s\"\noverlap = \"1s\"",
+        )
+        .relay(&format!("http://{}/recovered", relay.addr))
+        .spawn()
+        .await;
+    let client = reqwest::Client::new();
+    let token = token_of("acme");
+    let base = now_millis();
+    // Webhooks delivered c1 and c2; the platform also has c3..c6 that no webhook brought.
+    for (index, change) in ["c1", "c2"].iter().enumerate() {
+        assert_eq!(
+            deliver_change(&client, &app, change, base + index as i64).await,
+            200
+        );
+    }
+    for (index, change) in ["c1", "c2", "c3", "c4", "c5", "c6"].iter().enumerate() {
+        app.platform.add_change(&token, change, base + index as i64);
+    }
+    // The third page fails: pagination is interrupted mid-way; then the daemon restarts.
+    app.platform.fail_from_page(Some(2));
+    eventually(
+        Duration::from_secs(10),
+        "a quiet poll reaching page 3",
+        || async {
+            (app.platform
+                .change_queries()
+                .iter()
+                .any(|query| query.contains("cursor=4")))
+            .then_some(())
+        },
+    )
+    .await;
+    let summary = app.summary("acme").await.expect("acme");
+    assert!(summary.quiet, "quiet after expected interval + grace");
+    let first = app.platform.change_queries()[0].clone();
+    assert!(first.starts_with("modified_after="), "{first}");
+    assert_eq!(
+        since(&first),
+        base + 1 - 1000,
+        "from the watermark (newest webhook change) less the overlap"
+    );
+    let fixture = app.stop().await;
+    let queries_before_restart = fixture.platform.change_queries().len();
+
+    fixture.platform.fail_from_page(None);
+    let restarted = fixture.start().await;
+    // Every missed change relayed and recorded: none can be relayed again.
+    eventually(
+        Duration::from_secs(15),
+        "every missed change relayed",
+        || async {
+            let (pending, _) = restarted.running.store.relay_counts().await.ok()?;
+            (relay.received().len() == 4 && pending == 0).then_some(())
+        },
+    )
+    .await;
+    assert_relayed_once(&relay.received(), &["c3", "c4", "c5", "c6"]);
+    let resumed = &restarted.platform.change_queries()[queries_before_restart];
+    assert!(
+        resumed.contains("cursor=4") && resumed.contains(&first),
+        "resumed from the stored cursor: {resumed}"
+    );
+    let summary = restarted.summary("acme").await.expect("acme");
+    assert!(
+        summary.watermark.expect("watermark") >= base + 5,
+        "watermark moved to the newest change"
+    );
+    assert_a_webhook_ends_the_quiet_period(&client, &restarted, base + 10).await;
     restarted.shutdown().await;
-    drop(setup.db);
 }
 
-#[tokio::test]
-async fn sqlite_quiet_connection_is_polled_and_missed_changes_are_relayed_once() {
-    quiet_connection_is_polled_and_missed_changes_are_relayed_once(Kind::Sqlite).await;
-}
-
-#[tokio::test]
-async fn postgres_quiet_connection_is_polled_and_missed_changes_are_relayed_once() {
-    quiet_connection_is_polled_and_missed_changes_are_relayed_once(Kind::Postgres).await;
-}
+both_backends!(a_quiet_connection_is_polled_and_missed_changes_are_relayed_once);
 
 #[tokio::test]
 async fn an_auth_failure_while_polling_counts_as_an_auth_failure_of_the_connection() {
     // Probes are an hour apart, so the revoked token is first met by a poll.
-    let webhooks = "expected_interval = \"1s\"\ngrace = \"200ms\"\npoll_interval = \"1s\"";
-    let setup = setup_with_interval(Kind::Sqlite, &["acme"], webhooks, false, "1h").await;
-    setup.platform.set("tok-acme", Behaviour::Revoked);
-    eventually(Duration::from_secs(8), "a failed poll", || async {
-        let failed = metric(
-            &setup.running,
-            "connwatch_polls_total{platform=\"makini\",result=\"auth_failed\"}",
-        )
+    let app = test_app(Kind::Sqlite)
+        .webhooks("expected_interval = \"1s\"\ngrace = \"200ms\"\npoll_interval = \"1s\"")
+        .probe_interval("1h")
+        .spawn()
         .await;
+    app.platform.set(&token_of("acme"), Behaviour::Revoked);
+    eventually(Duration::from_secs(8), "a failed poll", || async {
+        let failed = app
+            .metric("connwatch_polls_total{platform=\"makini\",result=\"auth_failed\"}")
+            .await;
         (failed >= 1.0).then_some(())
     })
     .await;
     // The poll's auth failure counted as the first of the streak; the confirming probe
     // (confirm_after) makes it the second: needs_reauth long before the hourly probe.
-    eventually(Duration::from_secs(5), "needs_reauth", || async {
-        (setup.running.store.list_connections().await.ok()?[0].health == Health::NeedsReauth)
-            .then_some(())
-    })
-    .await;
-    let id = ConnectionId::parse("acme").expect("id");
-    let detail = setup
-        .running
-        .store
-        .connection_detail(&id)
-        .await
-        .expect("read")
-        .expect("exists");
+    app.wait_health("acme", Health::NeedsReauth).await;
+    let detail = app.detail("acme").await;
     assert!(
         detail
             .probes
             .iter()
-            .filter(|probe| probe.outcome == connwatch::domain::Outcome::AuthFailed)
+            .filter(|probe| probe.outcome == Outcome::AuthFailed)
             .count()
             >= 2,
         "the poll's failure is recorded like a probe's"
     );
-    setup.running.shutdown().await;
+    app.shutdown().await;
 }

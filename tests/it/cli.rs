@@ -1,16 +1,15 @@
 //! The `connwatch` binary as a user runs it: real processes, real signals, captured output.
 
-mod common;
-
 use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi};
-use common::{Conn, Kind, TestDb, config_text, token_file};
-use connwatch::demo::platform::{Behaviour, FakePlatform};
+use connwatch::demo::platform::Behaviour;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_connwatch");
+use crate::helpers::process::{
+    BINARY, api_health, nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi,
+};
+use crate::helpers::{Kind, WEBHOOK_SECRET, eventually, now_millis, test_app, token_of};
 
 fn connwatch(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(BINARY)
@@ -125,39 +124,11 @@ fn the_demo_tour_detects_the_credential_change_and_the_recovery() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    let token = "tok_SUPERSECRET_9f8e7d6c";
-    let rotated = "tok_SUPERSECRET_rotated_1a2b";
-    platform.set(token, Behaviour::Healthy);
-    let connections = [Conn {
-        id: "acme",
-        platform: "makini",
-        token_file: token_file(db.path(), "acme", token),
-    }];
-    let config = db.path().join("connwatch.toml");
-    std::fs::write(
-        &config,
-        config_text(
-            &db.url,
-            &[("makini", platform.base_url())],
-            &connections,
-            "",
-        ),
-    )
-    .expect("config");
-    let (mut child, log, address) = spawn_daemon(&config);
+/// What the daemon at `base` and the commands beside it answer: the API, metrics and
+/// readiness, a probe asked for, `status`, `probe` and `check-config`.
+async fn answers(base: &str, config: &std::path::Path) -> String {
     let client = reqwest::Client::new();
-    let base = format!("http://{address}");
     let mut answers = String::new();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    platform.set(token, Behaviour::Revoked);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    platform.set(rotated, Behaviour::Healthy);
-    token_file(db.path(), "acme", rotated);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
     for path in [
         "/metrics",
         "/api/v1/connections",
@@ -196,6 +167,27 @@ async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
         answers.push_str(&stdout);
         answers.push_str(&stderr);
     }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
+    let fixture = test_app(Kind::Sqlite).prepare().await;
+    let token = token_of("acme");
+    let config = fixture.config_file();
+    let (mut child, log, address) = spawn_daemon(&config);
+    let wait_health = async |wanted: &str| {
+        eventually(Duration::from_secs(10), wanted, || async {
+            (api_health(&address, "acme").await? == wanted).then_some(())
+        })
+        .await
+    };
+    wait_health("healthy").await;
+    fixture.platform.set(&token, Behaviour::Revoked);
+    wait_health("needs_reauth").await;
+    let rotated = fixture.rotate_token("acme");
+    wait_health("healthy").await;
+    let answers = answers(&format!("http://{address}"), &config).await;
     assert!(
         answers.contains("\"acme\""),
         "the answers were captured: {answers}"
@@ -205,7 +197,10 @@ async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
             && answers.contains("ask the daemon instead: POST /api/v1/connections/acme/probe"),
         "`connwatch probe` beside the daemon on SQLite is refused with a way out: {answers}"
     );
-    assert!(platform.requests(rotated) > 0, "the rotated token was used");
+    assert!(
+        fixture.platform.requests(&rotated) > 0,
+        "the rotated token was used"
+    );
     nix_kill(child.id(), "TERM");
     let status = child.wait().expect("wait");
     let log = strip_ansi(&log.lock().expect("log"));
@@ -213,7 +208,7 @@ async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
         log.contains("health changed"),
         "the log was captured: {log}"
     );
-    for secret in [token, rotated] {
+    for secret in [&token, &rotated] {
         assert!(!log.contains(secret), "token in the log");
         assert!(!answers.contains(secret), "token in an answer");
     }
@@ -222,28 +217,12 @@ async fn the_token_never_appears_in_logs_api_answers_metrics_or_commands() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_and_exits_cleanly_while_a_probe_hangs() {
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok-hang", Behaviour::Hang);
-    let connections = [Conn {
-        id: "acme",
-        platform: "makini",
-        token_file: token_file(db.path(), "acme", "tok-hang"),
-    }];
-    let config = db.path().join("connwatch.toml");
-    std::fs::write(
-        &config,
-        config_text(
-            &db.url,
-            &[("makini", platform.base_url())],
-            &connections,
-            "",
-        ),
-    )
-    .expect("config");
-    let (mut child, log, _) = spawn_daemon(&config);
-    common::eventually(Duration::from_secs(5), "a hanging probe", || async {
-        (platform.requests("tok-hang") > 0).then_some(())
+    let fixture = test_app(Kind::Sqlite).prepare().await;
+    let token = token_of("acme");
+    fixture.platform.set(&token, Behaviour::Hang);
+    let (mut child, log, _) = spawn_daemon(&fixture.config_file());
+    eventually(Duration::from_secs(5), "a hanging probe", || async {
+        (fixture.platform.requests(&token) > 0).then_some(())
     })
     .await;
     let stopping = Instant::now();
@@ -265,37 +244,12 @@ async fn sigterm_drains_and_exits_cleanly_while_a_probe_hangs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_webhook_answered_2xx_survives_kill_9() {
     use connwatch::webhook::verify::{decode_standard_secret, sign_standard};
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok-acme", Behaviour::Healthy);
-    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    std::fs::write(db.path().join("webhook.secret"), secret).expect("secret");
-    let connections = [Conn {
-        id: "acme",
-        platform: "makini",
-        token_file: token_file(db.path(), "acme", "tok-acme"),
-    }];
-    let mut text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    )
-    .replace(
-        "admin = \"127.0.0.1:0\"",
-        "admin = \"127.0.0.1:0\"\nwebhooks = \"127.0.0.1:0\"",
-    );
-    text.push_str(&format!(
-        "\n[platforms.makini.webhooks]\nsecrets = [{{ file = \"{}\" }}]\nconnection_pointer = \"/connectionId\"\n",
-        db.path().join("webhook.secret").display()
-    ));
-    let config = db.path().join("connwatch.toml");
-    std::fs::write(&config, text).expect("config");
+    let fixture = test_app(Kind::Sqlite).webhooks("").prepare().await;
     let (mut child, _log, addresses) =
-        spawn_daemon_with(&config, &["admin_addr=", "webhook_addr="]);
-    let key = decode_standard_secret(secret).expect("key");
+        spawn_daemon_with(&fixture.config_file(), &["admin_addr=", "webhook_addr="]);
+    let key = decode_standard_secret(WEBHOOK_SECRET).expect("key");
     let client = reqwest::Client::new();
-    let timestamp = common::now_millis() / 1000;
+    let timestamp = now_millis() / 1000;
     for index in 0..20 {
         let id = format!("msg_kill_{index}");
         let body = format!("{{\"connectionId\":\"conn_acme\",\"n\":{index}}}");
@@ -316,7 +270,7 @@ async fn a_webhook_answered_2xx_survives_kill_9() {
     }
     nix_kill(child.id(), "KILL");
     let _ = child.wait();
-    let store = connwatch::store::Store::connect(&db.url, 1)
+    let store = connwatch::store::Store::connect(&fixture.db.url, 1)
         .await
         .expect("reopen");
     assert_eq!(

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_connwatch");
 
+/// A daemon's stderr, collected line by line as it runs.
+pub type Log = Arc<Mutex<String>>;
+
 /// A daemon process that is killed when dropped, so a failing test leaves nothing behind.
 pub struct Daemon(pub std::process::Child);
 
@@ -31,7 +34,7 @@ impl Drop for Daemon {
 }
 
 /// Starts `connwatch run`, collecting stderr; returns the child, the log and the admin address.
-pub fn spawn_daemon(config: &std::path::Path) -> (Daemon, Arc<Mutex<String>>, String) {
+pub fn spawn_daemon(config: &std::path::Path) -> (Daemon, Log, String) {
     let (child, log, mut addresses) = spawn_daemon_with(config, &["admin_addr="]);
     (child, log, addresses.remove(0))
 }
@@ -40,7 +43,7 @@ pub fn spawn_daemon(config: &std::path::Path) -> (Daemon, Arc<Mutex<String>>, St
 pub fn spawn_daemon_with(
     config: &std::path::Path,
     fields: &[&'static str],
-) -> (Daemon, Arc<Mutex<String>>, Vec<String>) {
+) -> (Daemon, Log, Vec<String>) {
     let mut child = Command::new(BINARY)
         .args(["run", "--config", config.to_str().expect("utf-8")])
         .env("RUST_LOG", "trace")
@@ -77,6 +80,17 @@ pub fn spawn_daemon_with(
         addresses[index] = address;
     }
     (Daemon(child), log, addresses)
+}
+
+/// A connection's health as the daemon's admin API at `admin` reports it.
+pub async fn api_health(admin: &str, id: &str) -> Option<String> {
+    let detail: serde_json::Value = reqwest::get(format!("http://{admin}/api/v1/connections/{id}"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    detail["health"].as_str().map(str::to_owned)
 }
 
 pub fn strip_ansi(text: &str) -> String {

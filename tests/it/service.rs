@@ -1,19 +1,22 @@
 //! Running as a service: reload on SIGHUP, systemd notifications, JSON logs, and the
 //! metrics checked by the real promtool against the rules and dashboard shipped beside them.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::process::{BINARY, nix_kill, spawn_daemon, strip_ansi};
-use common::{Conn, Kind, TestDb, config_text, eventually, token_file};
 use connwatch::demo::platform::{Behaviour, FakePlatform};
 
-type Log = std::sync::Arc<std::sync::Mutex<String>>;
+use crate::helpers::app::Fixture;
+use crate::helpers::process::{
+    BINARY, Daemon, Log, api_health, nix_kill, spawn_daemon, spawn_daemon_with, strip_ansi,
+};
+use crate::helpers::{
+    Conn, Kind, RELAY_SECRET, TestDb, WEBHOOK_SECRET, config_text, eventually, test_app,
+    token_file, token_of,
+};
 
 async fn listed_ids(admin: &str) -> Option<BTreeSet<String>> {
     let answer: serde_json::Value = reqwest::get(format!("http://{admin}/api/v1/connections"))
@@ -54,14 +57,7 @@ async fn sighup_applies_a_new_config_and_refuses_an_invalid_one() {
     write(&[conn("a"), conn("b")]);
     let (mut child, log, admin) = spawn_daemon(&config);
     eventually(Duration::from_secs(5), "a probed", || async {
-        let detail: serde_json::Value =
-            reqwest::get(format!("http://{admin}/api/v1/connections/a"))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-        (detail["health"] == "healthy").then_some(())
+        (api_health(&admin, "a").await? == "healthy").then_some(())
     })
     .await;
     // b removed, c added; a unchanged keeps its history.
@@ -113,31 +109,14 @@ async fn sighup_applies_a_new_config_and_refuses_an_invalid_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn systemd_hears_ready_watchdog_status_and_stopping() {
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok-a", Behaviour::Healthy);
-    let connections = [Conn {
-        id: "a",
-        platform: "makini",
-        token_file: token_file(db.path(), "a", "tok-a"),
-    }];
-    let config = db.path().join("connwatch.toml");
-    std::fs::write(
-        &config,
-        config_text(
-            &db.url,
-            &[("makini", platform.base_url())],
-            &connections,
-            "",
-        ),
-    )
-    .expect("config");
-    let socket_path = db.path().join("notify.sock");
+    let fixture = test_app(Kind::Sqlite).prepare().await;
+    let config = fixture.config_file();
+    let socket_path = fixture.db.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("socket");
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let mut child = common::process::Daemon(
+    let mut child = Daemon(
         Command::new(BINARY)
             .args(["run", "--config", config.to_str().expect("utf-8")])
             .env("NOTIFY_SOCKET", &socket_path)
@@ -167,60 +146,52 @@ async fn systemd_hears_ready_watchdog_status_and_stopping() {
     assert!(child.wait().expect("wait").success());
 }
 
-/// A daemon with every feature on, so every metric family is exported.
-async fn full_daemon() -> (TestDb, FakePlatform, common::process::Daemon, String, Log) {
-    let db = TestDb::new(Kind::Sqlite).await;
-    let platform = FakePlatform::start().await.expect("platform");
-    platform.set("tok-a", Behaviour::Healthy);
-    std::fs::write(
-        db.path().join("whsec"),
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    )
-    .expect("secret");
-    let connections = [Conn {
-        id: "a",
-        platform: "makini",
-        token_file: token_file(db.path(), "a", "tok-a"),
-    }];
-    let folder = db.path().display();
-    let mut text = config_text(
-        &db.url,
-        &[("makini", platform.base_url())],
-        &connections,
-        "",
-    )
-    .replace(
-        "admin = \"127.0.0.1:0\"",
-        "admin = \"127.0.0.1:0\"\nwebhooks = \"127.0.0.1:0\"\nper_connection_metrics = true",
-    );
-    text.push_str(&format!(
-        "\n[platforms.makini.webhooks]\nsecrets = [{{ file = \"{folder}/whsec\" }}]\nconnection_pointer = \"/connectionId\"\n\
-         [platforms.makini.changes]\npath = \"/v1/changes\"\n\
-         [relay]\nurl = \"http://127.0.0.1:9/recovered\"\nsecret = {{ file = \"{folder}/whsec\" }}\n\
-         [email]\nsmtp_url = \"smtp://127.0.0.1:9\"\nfrom = \"M <m@example.com>\"\nstaff = [\"s@example.com\"]\n\
-         [log]\nformat = \"json\"\n"
-    ));
-    let config = db.path().join("connwatch.toml");
-    std::fs::write(&config, text).expect("config");
-    let (child, log, admin) = common::process::spawn_daemon_with(&config, &["\"admin_addr\":\""]);
+/// A daemon with every feature on, so every metric family is exported: webhooks, the
+/// polling fallback, the relay and email (to ports nobody listens on), per-connection
+/// metrics, JSON logs. Returns its fixture, the process, its admin address and its log.
+async fn full_daemon() -> (Fixture, Daemon, String, Log) {
+    let fixture = test_app(Kind::Sqlite)
+        .connections(["a"])
+        .server_setting("per_connection_metrics = true")
+        .webhooks("")
+        .relay("http://127.0.0.1:9/recovered")
+        .email("")
+        .smtp_down()
+        .extra_config("[log]\nformat = \"json\"")
+        .prepare()
+        .await;
+    let (child, log, admin) = spawn_daemon_with(&fixture.config_file(), &["\"admin_addr\":\""]);
     let admin = admin[0].split('"').next().unwrap_or_default().to_owned();
-    (db, platform, child, admin, log)
+    (fixture, child, admin, log)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn promtool_accepts_the_live_metrics_and_every_metric_in_rules_and_dashboard_is_exported() {
-    let (_db, platform, mut child, admin, _log) = full_daemon().await;
-    eventually(Duration::from_secs(5), "a probe", || async {
-        (platform.requests("tok-a") > 0).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+/// The metric families `/metrics` must export.
+const REQUIRED_FAMILIES: [&str; 12] = [
+    "connwatch_connections",
+    "connwatch_probes_total",
+    "connwatch_probe_duration_seconds",
+    "connwatch_webhooks_received_total",
+    "connwatch_connections_quiet",
+    "connwatch_polls_total",
+    "connwatch_changes_recovered_total",
+    "connwatch_emails_total",
+    "connwatch_email_outbox_pending",
+    "connwatch_scheduler_last_tick_timestamp_seconds",
+    "connwatch_build_info",
+    "connwatch_connection_health",
+];
+
+/// The metric families named by `# TYPE` lines.
+fn families(metrics: &str) -> BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("# TYPE "))
+        .filter_map(|line| line.split_whitespace().nth(2).map(str::to_owned))
+        .collect()
+}
+
+/// `promtool check metrics` finds nothing to say about `metrics`.
+fn promtool_check_metrics(metrics: &str) {
     let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
     let mut check = Command::new(&promtool)
         .args(["check", "metrics"])
@@ -245,28 +216,10 @@ async fn promtool_accepts_the_live_metrics_and_every_metric_in_rules_and_dashboa
         output.status.success() && complaints.trim().is_empty(),
         "promtool check metrics: {complaints}"
     );
+}
 
-    let exported: BTreeSet<String> = metrics
-        .lines()
-        .filter(|line| line.starts_with("# TYPE "))
-        .filter_map(|line| line.split_whitespace().nth(2).map(str::to_owned))
-        .collect();
-    for required in [
-        "connwatch_connections",
-        "connwatch_probes_total",
-        "connwatch_probe_duration_seconds",
-        "connwatch_webhooks_received_total",
-        "connwatch_connections_quiet",
-        "connwatch_polls_total",
-        "connwatch_changes_recovered_total",
-        "connwatch_emails_total",
-        "connwatch_email_outbox_pending",
-        "connwatch_scheduler_last_tick_timestamp_seconds",
-        "connwatch_build_info",
-        "connwatch_connection_health",
-    ] {
-        assert!(exported.contains(required), "{required} not exported");
-    }
+/// Every metric name in the alert rules, their tests and the dashboard.
+fn metrics_named_in_rules_and_dashboard() -> BTreeSet<String> {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut used = BTreeSet::new();
     for file in [
@@ -292,6 +245,42 @@ async fn promtool_accepts_the_live_metrics_and_every_metric_in_rules_and_dashboa
             index = end;
         }
     }
+    used
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promtool_accepts_the_live_metrics_and_every_metric_in_rules_and_dashboard_is_exported() {
+    let (fixture, mut child, admin, _log) = full_daemon().await;
+    eventually(Duration::from_secs(5), "a probe", || async {
+        (fixture.platform.requests(&token_of("a")) > 0).then_some(())
+    })
+    .await;
+    // Once the first probe is counted and the gauges refreshed, every family is there.
+    let metrics = eventually(
+        Duration::from_secs(10),
+        "every metric family exported",
+        || async {
+            let metrics = reqwest::get(format!("http://{admin}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let exported = families(&metrics);
+            REQUIRED_FAMILIES
+                .iter()
+                .all(|family| exported.contains(*family))
+                .then_some(metrics)
+        },
+    )
+    .await;
+    promtool_check_metrics(&metrics);
+
+    let exported = families(&metrics);
+    for required in REQUIRED_FAMILIES {
+        assert!(exported.contains(required), "{required} not exported");
+    }
+    let used = metrics_named_in_rules_and_dashboard();
     let missing: Vec<&String> = used
         .iter()
         .filter(|name| {
@@ -319,12 +308,19 @@ async fn promtool_accepts_the_live_metrics_and_every_metric_in_rules_and_dashboa
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_are_one_object_per_line_and_name_no_secret() {
-    let (_db, platform, mut child, _admin, log) = full_daemon().await;
-    eventually(Duration::from_secs(5), "a probe", || async {
-        (platform.requests("tok-a") > 0).then_some(())
-    })
+    let (_fixture, mut child, _admin, log) = full_daemon().await;
+    // The first probe's result stored and logged.
+    eventually(
+        Duration::from_secs(5),
+        "the first probe in the log",
+        || async {
+            log.lock()
+                .expect("log")
+                .contains("first probe ok")
+                .then_some(())
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     nix_kill(child.id(), "TERM");
     let _ = child.wait();
     let text = log.lock().expect("log").clone();
@@ -342,7 +338,7 @@ async fn json_logs_are_one_object_per_line_and_name_no_secret() {
         text.contains("connwatch running") && text.contains("stopped"),
         "{text}"
     );
-    for secret in ["tok-a", "whsec_MfKQ"] {
+    for secret in [token_of("a").as_str(), WEBHOOK_SECRET, RELAY_SECRET] {
         assert!(!text.contains(secret), "a secret in the log");
     }
 }

@@ -1,10 +1,8 @@
 //! The store test suite, run against a real SQLite file and the real PostgreSQL.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::{Kind, TestDb};
+use crate::helpers::{Kind, TestDb, both_backends};
 use connwatch::domain::{ConnectionId, Health, Outcome, ProbeReport};
 use connwatch::rules::{Policy, Rules, classify};
 use connwatch::store::{Claimed, ProbeRecord, Store, SyncConnection};
@@ -591,17 +589,6 @@ async fn claims_beside_result_commits_never_take_a_connection_twice(kind: Kind) 
     drop(sender);
     recorder.await.expect("recorder");
     assert_eq!(seen.len(), 2_000, "every connection claimed once");
-}
-
-macro_rules! both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Kind::Sqlite).await; })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $scenario() { super::$scenario(super::Kind::Postgres).await; })*
-        }
-    };
 }
 
 both_backends!(

@@ -1,14 +1,20 @@
-//! Shared test helpers: real databases (a SQLite file, a fresh PostgreSQL database),
-//! configs pointing at a fake platform, and waiting with a deadline.
-#![allow(dead_code)]
+//! Shared test helpers: the test app (`spawn_app`), real databases (a SQLite file, a fresh
+//! PostgreSQL database), configs pointing at a fake platform, metrics, and waiting with a
+//! deadline (`eventually`).
 
+pub mod app;
+pub mod config;
 pub mod process;
 pub mod smtp;
 
-use std::path::{Path, PathBuf};
+pub use app::{TestApp, spawn_app, test_app, token_of};
+pub use config::{
+    Conn, NANGO_SECRET, RELAY_SECRET, STAFF, WEBHOOK_SECRET, config_text, parse, token_file,
+};
+
+use std::path::Path;
 use std::time::Duration;
 
-use connwatch::config::Config;
 use sqlx::Connection;
 
 /// The PostgreSQL server tests use (trust auth on this machine and in CI).
@@ -100,62 +106,6 @@ impl Drop for TestDb {
     }
 }
 
-/// One connection of a test config.
-pub struct Conn<'a> {
-    pub id: &'a str,
-    pub platform: &'a str,
-    pub token_file: PathBuf,
-}
-
-/// A config with short intervals, one `[platforms.NAME]` per (name, base URL).
-pub fn config_text(
-    db_url: &str,
-    platforms: &[(&str, String)],
-    connections: &[Conn<'_>],
-    extra_probe: &str,
-) -> String {
-    let mut text = format!(
-        "[store]\nurl = \"{db_url}\"\n\n[server]\nadmin = \"127.0.0.1:0\"\n\n[probe]\n\
-         interval = \"1s\"\ntimeout = \"500ms\"\nconfirm_after = \"200ms\"\n\
-         failure_threshold = 2\ntoken_check_interval = \"100ms\"\n{extra_probe}\n"
-    );
-    for (name, base_url) in platforms {
-        text.push_str(&format!(
-            "\n[platforms.{name}]\nbase_url = \"{base_url}\"\n\
-             probe = {{ method = \"GET\", path = \"/v1/connection\" }}\n\
-             auth_failure_codes = [\"AUTHENTICATION_FAILED\"]\n\
-             reauth_pointer = \"/status\"\nreauth_values = [\"reauthorization_required\"]\n\
-             request_id_header = \"x-request-id\"\n"
-        ));
-    }
-    for connection in connections {
-        text.push_str(&format!(
-            "\n[[connections]]\nid = \"{}\"\nname = \"Customer {}\"\nplatform = \"{}\"\n\
-             remote_id = \"conn_{}\"\ntoken = {{ file = \"{}\" }}\ncontacts = [\"it@{}.example\"]\n\
-             reconnect_url = \"https://app.example.com/reconnect/{}\"\n",
-            connection.id,
-            connection.id,
-            connection.platform,
-            connection.id,
-            connection.token_file.display(),
-            connection.id,
-            connection.id
-        ));
-    }
-    text
-}
-
-pub fn parse(text: &str) -> Config {
-    Config::parse(text).unwrap_or_else(|problems| panic!("test config invalid: {problems:?}"))
-}
-
-/// Writes a token file and returns its path.
-pub fn token_file(folder: &Path, id: &str, token: &str) -> PathBuf {
-    let path = folder.join(format!("{id}.token"));
-    std::fs::write(&path, token).expect("write token");
-    path
-}
-
 /// Polls `check` every 50 ms until it returns Some, or panics after `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
@@ -178,3 +128,36 @@ where
 pub fn now_millis() -> i64 {
     connwatch::clock::Clock::system().now()
 }
+
+/// The sum of the samples on the admin listener's `/metrics` whose line starts with
+/// `prefix` (the one sample when the prefix names every label); 0 when there is none.
+pub async fn metric(admin: impl std::fmt::Display, prefix: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs each scenario, an `async fn(Kind)`, as two tests: `sqlite::NAME` on a SQLite file
+/// and `postgres::NAME` on the real PostgreSQL.
+macro_rules! both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $scenario() {
+                super::$scenario($crate::helpers::Kind::Sqlite).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $scenario() {
+                super::$scenario($crate::helpers::Kind::Postgres).await;
+            })*
+        }
+    };
+}
+pub(crate) use both_backends;
