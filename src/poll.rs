@@ -24,6 +24,7 @@ use crate::domain::{ConnectionId, Millis, Outcome, ProbeReport, time};
 use crate::events::Event;
 use crate::metrics::Metrics;
 use crate::probe::read_answer;
+use crate::rules::changes::watermark_candidate;
 use crate::schedule::Scheduler;
 use crate::store::{PollClaim, PolledChange, Store, StoreError};
 use crate::webhook::{text_at, time_value};
@@ -198,7 +199,9 @@ impl Poller {
             match next {
                 Some(next) => cursor = Some(next),
                 None => {
-                    let covered_until = newest.unwrap_or(claim.watermark);
+                    // Never past now + skew: a far-future update time would make every
+                    // later poll ask for changes after it.
+                    let covered_until = watermark_candidate(newest.unwrap_or(claim.watermark), now);
                     return self
                         .finish(claim, owner, covered_until, now, recovered)
                         .await;
