@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 
 use super::incidents::record_verdict;
-use super::probes::row_state;
+use super::rows::row_state;
 use super::{Backend, Store, StoreError, Tx};
 use crate::domain::{ConnectionId, Health, Millis};
 use crate::rules::ConnectionState;

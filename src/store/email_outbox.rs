@@ -353,7 +353,7 @@ impl Store {
         .fetch_optional(&mut **transaction)
         .await?;
         if let (Some((incident_id, connection)), Some(follow_up)) = (closed, follow_up) {
-            let connection = super::probes::parse_id(&connection)?;
+            let connection = super::rows::parse_id(&connection)?;
             enqueue_for_incident(
                 &mut transaction,
                 incident_id,

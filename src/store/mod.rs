@@ -12,6 +12,7 @@ mod polls;
 mod probes;
 mod read;
 mod relay_outbox;
+mod rows;
 mod webhooks;
 
 use std::str::FromStr;

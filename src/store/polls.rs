@@ -5,7 +5,7 @@ use sqlx::Row;
 
 use super::connections::state_of;
 use super::incidents::record_verdict;
-use super::probes::parse_id;
+use super::rows::parse_id;
 use super::{LeaseClaim, Store, StoreError};
 use crate::domain::{Cause, ConnectionId, Millis};
 use crate::rules::health::quiet_changed;

@@ -4,7 +4,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::probes::{parse_health, parse_id, parse_outcome};
+use super::rows::{parse_health, parse_id, parse_outcome};
 use super::{Store, StoreError};
 use crate::domain::{ConnectionId, Health, Millis, Outcome, time};
 

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::incidents::record_verdict;
-use super::probes::{parse_health, parse_id};
+use super::rows::{parse_health, parse_id};
 use super::{Store, StoreError, Tx};
 use crate::domain::{ConnectionId, Health, Millis};
 use crate::rules::changes::watermark_candidate;
