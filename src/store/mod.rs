@@ -60,6 +60,12 @@ pub enum StoreError {
          (replicas share PostgreSQL)"
     )]
     InUse(String),
+    /// The SQLite database file could not be created.
+    #[error("cannot create the SQLite database {path}: {source}")]
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
     /// The SQLite database file could not be locked (not because another daemon has it).
     #[error("{0}")]
     Lock(String),
@@ -484,6 +490,7 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
         {
             return Err(StoreError::MissingFolder(path.display().to_string()));
         }
+        create_private(&path)?;
     }
     if url.contains("mode=") {
         Ok(url.to_owned())
@@ -491,6 +498,27 @@ fn sqlite_url(url: &str) -> Result<String, StoreError> {
         Ok(format!("{url}&mode=rwc"))
     } else {
         Ok(format!("{url}?mode=rwc"))
+    }
+}
+
+/// Creates a missing SQLite file readable by its owner only (SQLite gives its WAL and
+/// shared-memory files the same mode). Left to SQLite, it is created 0644 outside
+/// systemd (whose `UMask=0077` hid this): customer names, contacts and history readable
+/// by every local user.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Create {
+            path: path.display().to_string(),
+            source,
+        }),
     }
 }
 
@@ -506,7 +534,26 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Backend, chunks_of, value_rows};
+    use super::{Backend, Store, chunks_of, value_rows};
+
+    #[tokio::test]
+    async fn a_new_sqlite_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let folder = tempfile::tempdir().expect("dir");
+        let path = folder.path().join("connwatch.db");
+        let store = Store::connect(&format!("sqlite://{}", path.display()), 2)
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrate");
+        for file in [path.clone(), folder.path().join("connwatch.db-wal")] {
+            let mode = std::fs::metadata(&file)
+                .expect("exists")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+        store.close().await;
+    }
 
     #[test]
     fn value_rows_number_the_parameters_row_after_row_on_postgres() {

@@ -68,10 +68,17 @@ fn connection(
         unknown_platform(checker, &at("platform"), &raw.platform, platforms);
     }
     let contacts = contacts(checker, &at("contacts"), &raw.contacts);
-    if let Some(url) = &raw.reconnect_url
-        && reqwest::Url::parse(url).is_err()
-    {
-        checker.problem(&at("reconnect_url"), format!("{url:?} is not a URL"));
+    if let Some(url) = &raw.reconnect_url {
+        // The link goes into the customer's email: only a web page will do there
+        // (`javascript:` or `data:` would run in their mail client's browser).
+        match reqwest::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+            Ok(_) => checker.problem(
+                &at("reconnect_url"),
+                format!("{url:?} must be an http:// or https:// link"),
+            ),
+            Err(_) => checker.problem(&at("reconnect_url"), format!("{url:?} is not a URL")),
+        }
     }
     checker.secret_readable(&at("token"), &raw.token);
     let expected_webhook_interval = expected_webhook_interval(
@@ -163,6 +170,26 @@ fn expected_webhook_interval(
 mod tests {
     use crate::config::PLATFORM;
     use crate::config::parse::parse;
+
+    #[test]
+    fn a_reconnect_link_that_is_not_a_web_page_is_refused() {
+        for (link, accepted) in [
+            ("https://app.example.com/reconnect", true),
+            ("javascript:alert(document.cookie)", false),
+            ("data:text/html,hi", false),
+        ] {
+            let text = format!(
+                "{PLATFORM}\n[[connections]]\nid = \"a\"\nplatform = \"makini\"\n\
+                 token = {{ file = \"/etc/hostname\" }}\nreconnect_url = \"{link}\"\n"
+            );
+            let refused = parse(&text)
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .any(|problem| problem.key == "connections[0].reconnect_url");
+            assert_eq!(refused, !accepted, "{link}");
+        }
+    }
 
     #[test]
     fn duplicate_ids_are_refused() {

@@ -136,6 +136,14 @@ fn auth(checker: &mut Checker, path: &[Segment], raw: Option<RawAuth>) -> (Strin
     if reqwest::header::HeaderName::from_bytes(auth_header.as_bytes()).is_err() {
         checker.problem(path, format!("{auth_header:?} is not a header name"));
     }
+    // A CR, LF or other control character would break the header (the probe then sends
+    // no usable token: a false "needs reauthorization").
+    if auth_scheme.chars().any(|c| c.is_control() || c == ' ') {
+        checker.problem(
+            &super::checker::child(path, "scheme"),
+            format!("{auth_scheme:?} may not contain spaces or control characters"),
+        );
+    }
     (auth_header, auth_scheme)
 }
 
@@ -266,6 +274,20 @@ fn changes(checker: &mut Checker, path: &[Segment], raw: RawChanges) -> ChangesC
 mod tests {
     use crate::config::PLATFORM;
     use crate::config::parse::parse;
+
+    #[test]
+    fn a_line_break_in_the_auth_scheme_is_refused() {
+        let text = "[platforms.makini]\nbase_url = \"http://127.0.0.1:1\"\n\
+                    probe = { path = \"/v1/connection\" }\n\
+                    auth = { scheme = \"Bearer\\r\\nX-Injected: 1\" }\n";
+        let problems = crate::config::parse::parse(text).expect_err("invalid");
+        assert!(
+            problems
+                .iter()
+                .any(|problem| problem.key == "platforms.makini.auth.scheme"),
+            "{problems:?}"
+        );
+    }
 
     #[test]
     fn short_or_malformed_webhook_secrets_are_refused_at_load() {

@@ -41,6 +41,18 @@ pub(super) fn validate(checker: &mut Checker, raw: RawServer) -> ServerConfig {
                 None
             }
         });
+    if let Some(webhooks) = webhooks
+        && webhooks.port() == admin.port()
+        && webhooks.port() != 0
+        && (webhooks.ip() == admin.ip()
+            || webhooks.ip().is_unspecified()
+            || admin.ip().is_unspecified())
+    {
+        checker.problem(
+            &[key("server"), key("webhooks")],
+            format!("{webhooks} is where the admin listener is ({admin}): give each its own port"),
+        );
+    }
     let webhook_max_bytes = checker.positive(
         &[key("server"), key("webhook_max_bytes")],
         raw.webhook_max_bytes,
@@ -52,5 +64,34 @@ pub(super) fn validate(checker: &mut Checker, raw: RawServer) -> ServerConfig {
         webhooks,
         webhook_max_bytes,
         per_connection_metrics: raw.per_connection_metrics,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::PLATFORM;
+    use crate::config::parse::parse;
+
+    fn server_problem(server: &str) -> Option<String> {
+        let text = format!("{PLATFORM}\n[server]\n{server}\n");
+        parse(&text)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|problem| problem.key == "server.webhooks")
+            .map(|problem| problem.message)
+    }
+
+    #[test]
+    fn both_listeners_on_one_port_are_refused() {
+        assert!(
+            server_problem("admin = \"127.0.0.1:9464\"\nwebhooks = \"0.0.0.0:9464\"").is_some()
+        );
+        assert!(
+            server_problem("admin = \"127.0.0.1:9464\"\nwebhooks = \"127.0.0.1:9464\"").is_some()
+        );
+        assert!(
+            server_problem("admin = \"127.0.0.1:9464\"\nwebhooks = \"0.0.0.0:8080\"").is_none()
+        );
     }
 }
