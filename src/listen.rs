@@ -139,23 +139,40 @@ async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
 }
 
-/// Refusal logs, rate-limited: at most one line per listener per minute, with a count.
+/// A log line written at most once a minute, with how many times it happened: a flood of
+/// refusals (bad signatures, connections over the cap) writes a bounded amount of log.
 #[derive(Debug, Default)]
-struct Refusals {
+pub struct Throttled {
     since_last_log: u64,
     last_log: Option<tokio::time::Instant>,
 }
 
-impl Refusals {
-    fn note(&mut self, name: &'static str, what: &str) {
+impl Throttled {
+    /// Counts one occurrence; returns how many happened since the last line when a line
+    /// is due now.
+    pub fn due(&mut self) -> Option<u64> {
         self.since_last_log += 1;
         let due = self
             .last_log
             .is_none_or(|last| last.elapsed() >= Duration::from_secs(60));
-        if due {
-            tracing::warn!(listener = name, refused = self.since_last_log, "{what}");
-            self.since_last_log = 0;
-            self.last_log = Some(tokio::time::Instant::now());
+        if !due {
+            return None;
+        }
+        let count = self.since_last_log;
+        self.since_last_log = 0;
+        self.last_log = Some(tokio::time::Instant::now());
+        Some(count)
+    }
+}
+
+/// Refusals of one listener, logged through a `Throttled` line.
+#[derive(Debug, Default)]
+struct Refusals(Throttled);
+
+impl Refusals {
+    fn note(&mut self, name: &'static str, what: &str) {
+        if let Some(refused) = self.0.due() {
+            tracing::warn!(listener = name, refused, "{what}");
         }
     }
 }
@@ -196,6 +213,15 @@ mod tests {
             .expect("the server closes the connection")
             .expect("read");
         String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[test]
+    fn a_flood_writes_one_line_a_minute_with_its_count() {
+        let mut line = Throttled::default();
+        assert_eq!(line.due(), Some(1), "the first one is logged");
+        for _ in 0..10_000 {
+            assert_eq!(line.due(), None, "the rest of the minute is counted");
+        }
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
@@ -185,7 +185,7 @@ impl Poller {
                 ));
             };
             let now = self.scheduler.clock().now();
-            let polled = self.read_changes(claim, platform, changes, items, now);
+            let polled = self.read_changes(claim, platform, changes, items, token, now);
             newest = newest.max(polled.iter().map(|change| change.updated_at).max());
             let next = text_at(&page, &changes.next_pointer);
             match self
@@ -236,15 +236,19 @@ impl Poller {
                 PAGE_LIMIT,
             )
             .await
-            .map_err(|report| PollEnd::Failed(report.message.unwrap_or_default()))?;
+            .map_err(|mut report| {
+                report.redact(&[token.expose_secret()]);
+                PollEnd::Failed(report.message.unwrap_or_default())
+            })?;
         if !(200..300).contains(&answer.status) {
-            let report = read_answer(
+            let mut report = read_answer(
                 platform,
                 answer.status,
                 &answer.headers,
                 &answer.body,
                 answer.latency_ms,
             );
+            report.redact(&[token.expose_secret()]);
             return Err(self.refused(claim, report, answer.status).await);
         }
         serde_json::from_slice::<Value>(&answer.body)
@@ -283,6 +287,7 @@ impl Poller {
         platform: &PlatformConfig,
         changes: &ChangesConfig,
         items: &[Value],
+        token: &SecretString,
         now: Millis,
     ) -> Vec<PolledChange> {
         let polled: Vec<PolledChange> = items
@@ -292,9 +297,15 @@ impl Poller {
                 let updated_at = item
                     .pointer(&changes.updated_pointer)
                     .and_then(time_value)?;
-                let relay = self
-                    .relay_enabled
-                    .then(|| relay_message(&claim.id, platform, &change_id, updated_at, item, now));
+                // A changed record is relayed as the platform gave it, less the token
+                // (platforms echo it in records too).
+                let relay = self.relay_enabled.then(|| {
+                    let (id, payload) =
+                        relay_message(&claim.id, platform, &change_id, updated_at, item, now);
+                    let payload = crate::domain::redacted(&payload, &[token.expose_secret()])
+                        .unwrap_or(payload);
+                    (id, payload)
+                });
                 Some(PolledChange {
                     change_id,
                     updated_at,

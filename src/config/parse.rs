@@ -25,10 +25,20 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<Problem>> {
 /// The whole document as one tree: slow and memory-hungry, but places every problem.
 fn parse_whole(text: &str) -> Result<Config, Vec<Problem>> {
     let syntax_problem = |error: toml::de::Error| {
+        let message = error.message().trim();
+        // The parser's words for a number TOML cannot hold name a Rust type.
+        let message = if message.contains("as i128") {
+            format!("integer out of range (at most {}): {message}", i64::MAX)
+        } else {
+            message.to_owned()
+        };
         vec![Problem {
-            key: "(syntax)".into(),
+            key: error
+                .span()
+                .and_then(|span| key_at(text, span.start))
+                .unwrap_or_else(|| "(syntax)".into()),
             line: error.span().map(|span| line_at(text, span.start)),
-            message: error.message().trim().to_owned(),
+            message,
         }]
     };
     let mut table: toml::Table = toml::from_str(text).map_err(syntax_problem)?;
@@ -38,6 +48,44 @@ fn parse_whole(text: &str) -> Result<Config, Vec<Problem>> {
         None => ConnectionEntries::Absent,
     };
     assemble(Checker::new(text), table, &mut entries)
+}
+
+/// The dotted key of the `key = value` line at `offset`, from the table header above it
+/// (`probe.concurrency`, `connections[2].token`); `None` off such a line.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |index| index + 1);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |index| line_start + index);
+    let name = text[line_start..line_end].split_once('=')?.0.trim();
+    let name = name.trim_matches('"');
+    if name.is_empty() || name.starts_with('#') || name.starts_with('[') {
+        return None;
+    }
+    let mut table = String::new();
+    let mut connections = 0;
+    for header in text[..line_start]
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with('['))
+    {
+        if header.starts_with("[[") {
+            let array = header.trim_matches(|c| c == '[' || c == ']').trim();
+            table = format!("{array}[{connections}]");
+            connections += 1;
+        } else {
+            table = header
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
+        }
+    }
+    Some(if table.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{table}.{name}")
+    })
 }
 
 /// The fast path: every other section as one small tree, then one tree per connection.
@@ -141,6 +189,17 @@ mod tests {
 
     use super::*;
     use crate::config::{PLATFORM, SecretRef};
+
+    #[test]
+    fn an_integer_too_large_names_its_key_and_says_why() {
+        let text = "[platforms.makini]\nbase_url = \"http://127.0.0.1:1\"\n\
+                    probe = { path = \"/v1/connection\" }\n[probe]\n\
+                    concurrency = 99999999999999999999\n";
+        let problems = parse(text).expect_err("invalid");
+        assert_eq!(problems[0].key, "probe.concurrency", "{problems:?}");
+        assert_eq!(problems[0].line, Some(5));
+        assert!(problems[0].message.contains("out of range"), "{problems:?}");
+    }
 
     #[test]
     fn a_valid_config_is_read_one_connection_at_a_time_with_the_same_result() {

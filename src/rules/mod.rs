@@ -7,6 +7,8 @@
 pub mod changes;
 pub mod email;
 pub mod health;
+#[cfg(test)]
+mod properties;
 pub mod storm;
 #[cfg(test)]
 mod tests;

@@ -63,6 +63,8 @@ pub struct WebhookState {
     writer: mpsc::Sender<(WebhookDelivery, Reply)>,
     metrics: Metrics,
     clock: Clock,
+    /// The refusal log line, throttled (a flood of bad signatures).
+    refusals: Arc<std::sync::Mutex<crate::listen::Throttled>>,
 }
 
 /// A webhook secret could not be read or decoded at start-up.
@@ -92,6 +94,7 @@ impl WebhookState {
             writer,
             metrics,
             clock,
+            refusals: Arc::default(),
         })
     }
 
@@ -229,7 +232,15 @@ fn read_delivery(
         }
     };
     if let Err(error) = verified {
-        tracing::warn!(platform = %platform, reason = %error, "webhook refused");
+        let due = state
+            .refusals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .due();
+        if let Some(refused) = due {
+            // At most a line a minute; `refused` counts them (the metric counts each).
+            tracing::warn!(platform = %platform, reason = %error, refused, "webhook refused");
+        }
         return Err(Refused {
             answer: signature_result(error),
             ..Refused::new("bad_signature", StatusCode::UNAUTHORIZED)

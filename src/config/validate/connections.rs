@@ -64,7 +64,13 @@ fn connection(
             None
         }
     };
-    if !platforms.contains_key(&raw.platform) {
+    // A platform whose own section has problems is defined all the same: a second line
+    // saying "unknown platform" would send the reader to the wrong place.
+    let broken_platform = format!("platforms.{}", raw.platform);
+    let reported = checker.problems.iter().any(|problem| {
+        problem.key == broken_platform || problem.key.starts_with(&format!("{broken_platform}."))
+    });
+    if !platforms.contains_key(&raw.platform) && !reported {
         unknown_platform(checker, &at("platform"), &raw.platform, platforms);
     }
     let contacts = contacts(checker, &at("contacts"), &raw.contacts);
@@ -189,6 +195,23 @@ mod tests {
                 .any(|problem| problem.key == "connections[0].reconnect_url");
             assert_eq!(refused, !accepted, "{link}");
         }
+    }
+
+    #[test]
+    fn a_broken_platform_is_reported_once_not_again_as_unknown() {
+        let text = "[platforms.makini]\nbase_url = \"not a url\"\nprobe = { path = \"/v1\" }\n\
+                    [[connections]]\nid = \"a\"\nplatform = \"makini\"\n\
+                    token = { file = \"/etc/hostname\" }\n";
+        let problems = parse(text).expect_err("invalid");
+        let keys: Vec<&str> = problems
+            .iter()
+            .map(|problem| problem.key.as_str())
+            .collect();
+        assert!(
+            keys.iter().any(|key| key.starts_with("platforms.makini")),
+            "{keys:?}"
+        );
+        assert!(!keys.contains(&"connections[0].platform"), "{problems:?}");
     }
 
     #[test]
