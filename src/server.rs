@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -238,11 +239,16 @@ pub const FORCE_EVERY_MS: i64 = 60_000;
 async fn probe_connection(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
-    Query(query): Query<ProbeQuery>,
+    query: Result<Query<ProbeQuery>, QueryRejection>,
 ) -> Response {
     let id = match parse_id(&raw) {
         Ok(id) => id,
         Err(response) => return *response,
+    };
+    // Errors are JSON like every other answer (axum's own rejection is plain text).
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
     };
     if let Err(response) = circuit_breaker(&state, &id, query.force).await {
         return *response;
