@@ -185,6 +185,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         tracing::warn!(%error, "readyz: store unreachable");
         return (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response();
     }
+    // Logged where the write failed; a full disk still answers the ping.
+    if let Some(error) = state.store.write_failure() {
+        let message = format!("store cannot write: {error}\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+    }
     let stalled_for = state.scheduler.clock().now() - state.scheduler.last_tick();
     if stalled_for > STALL_AFTER_MS {
         let message = format!("scheduler stalled for {} s\n", stalled_for / 1000);

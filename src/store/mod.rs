@@ -93,7 +93,12 @@ pub struct Store {
     sqlite_path: Option<std::path::PathBuf>,
     /// The daemon's lock on the SQLite file (`hold_database`), released on exit.
     held: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
+    /// Why the last write transaction failed, until one commits again (`/readyz`).
+    write_failure: WriteFailure,
 }
+
+/// Why the last write transaction failed to begin or commit; `None` once one commits.
+type WriteFailure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 impl Store {
     /// Opens the database (creating a SQLite file if missing) without migrating.
@@ -138,6 +143,7 @@ impl Store {
                 Backend::Postgres => None,
             },
             held: Default::default(),
+            write_failure: Default::default(),
         })
     }
 
@@ -162,6 +168,12 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Why the last write transaction failed (a full disk answers reads, not writes),
+    /// unless one has committed since.
+    pub fn write_failure(&self) -> Option<String> {
+        record_write(&self.write_failure).clone()
     }
 
     /// Makes this process the one daemon of a SQLite database: its probe leases live in
@@ -205,19 +217,24 @@ impl Store {
     /// thousands of probes a second left the claim and the result writer waiting on each
     /// other's sleeps. Another process (the CLI) still waits for the busy timeout.
     async fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
-        Ok(match self.backend {
+        let (begun, turn) = match self.backend {
             Backend::Sqlite => {
                 let turn = self.write_lock.clone().lock_owned().await;
-                WriteTransaction {
-                    inner: self.writer.begin_with("BEGIN IMMEDIATE").await?,
-                    _turn: Some(turn),
-                }
+                (self.writer.begin_with("BEGIN IMMEDIATE").await, Some(turn))
             }
-            Backend::Postgres => WriteTransaction {
-                inner: self.pool.begin().await?,
-                _turn: None,
-            },
-        })
+            Backend::Postgres => (self.pool.begin().await, None),
+        };
+        match begun {
+            Ok(inner) => Ok(WriteTransaction {
+                inner,
+                _turn: turn,
+                failure: self.write_failure.clone(),
+            }),
+            Err(error) => {
+                *record_write(&self.write_failure) = Some(error.to_string());
+                Err(error.into())
+            }
+        }
     }
 }
 
@@ -261,6 +278,12 @@ async fn open_pool(
         pool = pool.idle_timeout(None).max_lifetime(None);
     }
     let pool = pool
+        // A connection still inside a transaction is closed, not handed out: a COMMIT that
+        // failed on a full disk (SQLite had already rolled back, so sqlx's ROLLBACK failed
+        // as well) left the one writer refusing every BEGIN after space returned.
+        .before_acquire(|connection, _meta| {
+            Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(connection)) })
+        })
         .after_connect(move |connection, _meta| {
             Box::pin(async move {
                 if backend == Backend::Sqlite {
@@ -302,12 +325,28 @@ pub(super) type Tx = Transaction<'static, sqlx::Any>;
 pub(super) struct WriteTransaction {
     inner: Transaction<'static, sqlx::Any>,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Where a failed commit is recorded (and a successful one clears it).
+    failure: WriteFailure,
 }
 
 impl WriteTransaction {
     pub(super) async fn commit(self) -> Result<(), sqlx::Error> {
-        self.inner.commit().await
+        let WriteTransaction {
+            inner,
+            _turn,
+            failure,
+        } = self;
+        let committed = inner.commit().await;
+        *record_write(&failure) = committed.as_ref().err().map(ToString::to_string);
+        committed
     }
+}
+
+/// The write failure record, locked (a poisoned lock still holds a usable record).
+fn record_write(failure: &WriteFailure) -> std::sync::MutexGuard<'_, Option<String>> {
+    failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl std::ops::Deref for WriteTransaction {

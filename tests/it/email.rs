@@ -32,7 +32,7 @@ fn fleet(count: usize) -> Vec<String> {
 
 /// Revokes the tokens of `ids` and moves the manual clock on to the next slot, then by
 /// confirm_after (200 ms): two failed probes, and the connections need reauthorization.
-async fn revoke(app: &TestApp, ids: &[&str]) {
+pub(crate) async fn revoke(app: &TestApp, ids: &[&str]) {
     for id in ids {
         app.platform.set(&token_of(id), Behaviour::Revoked);
     }

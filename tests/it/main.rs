@@ -7,6 +7,7 @@ mod helpers;
 mod cli;
 mod daemon;
 mod email;
+mod email_retries;
 mod hardening;
 mod replicas;
 mod service;

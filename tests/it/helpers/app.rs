@@ -46,7 +46,11 @@ pub fn test_app(kind: Kind) -> AppBuilder {
         server_settings: String::new(),
         extra_config: String::new(),
         email: None,
-        smtp: Smtp::Answering { delay_secs: 0.0 },
+        smtp: Smtp::Answering {
+            delay_secs: 0.0,
+            refuse: 0,
+            refuse_codes: &[],
+        },
         webhooks: None,
         relay: None,
         manual_clock: false,
@@ -98,8 +102,13 @@ pub struct TestApp {
 
 /// Where `[email]` sends.
 enum Smtp {
-    /// A real SMTP server that answers each message after `delay_secs`.
-    Answering { delay_secs: f64 },
+    /// A real SMTP server that answers each message after `delay_secs`, refusing the
+    /// first `refuse` with `refuse_codes` in turn.
+    Answering {
+        delay_secs: f64,
+        refuse: u32,
+        refuse_codes: &'static [u16],
+    },
     /// Nothing listens on the configured port until the test calls `start_smtp`.
     Down,
 }
@@ -172,6 +181,19 @@ impl AppBuilder {
     pub fn smtp_answering_after(mut self, delay: Duration) -> AppBuilder {
         self.smtp = Smtp::Answering {
             delay_secs: delay.as_secs_f64(),
+            refuse: 0,
+            refuse_codes: &[],
+        };
+        self
+    }
+
+    /// The SMTP server refuses the first `count` messages with `codes` in turn (451 or
+    /// 421: try again later), storing none of them, then accepts every one.
+    pub fn smtp_refusing_first(mut self, count: u32, codes: &'static [u16]) -> AppBuilder {
+        self.smtp = Smtp::Answering {
+            delay_secs: 0.0,
+            refuse: count,
+            refuse_codes: codes,
         };
         self
     }
@@ -220,9 +242,18 @@ impl AppBuilder {
         }
         let (smtp, smtp_port) = match (&self.email, &self.smtp) {
             (None, _) => (None, None),
-            (Some(_), Smtp::Answering { delay_secs }) => {
+            (
+                Some(_),
+                Smtp::Answering {
+                    delay_secs,
+                    refuse,
+                    refuse_codes,
+                },
+            ) => {
                 let options = SmtpOptions {
                     delay_secs: *delay_secs,
+                    refuse: *refuse,
+                    refuse_codes,
                     ..SmtpOptions::default()
                 };
                 let server = SmtpServer::start(&db.path().join("mail"), options);

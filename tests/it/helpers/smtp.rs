@@ -62,6 +62,10 @@ pub struct SmtpOptions<'a> {
     pub tls: Option<(&'a Path, &'a Path)>,
     pub reject: &'a [&'a str],
     pub delay_secs: f64,
+    /// The first `refuse` messages are refused (not stored) with `refuse_codes` in turn
+    /// (451 unless given; 421 also closes the connection); then every one is accepted.
+    pub refuse: u32,
+    pub refuse_codes: &'a [u16],
 }
 
 impl Default for SmtpOptions<'_> {
@@ -71,6 +75,8 @@ impl Default for SmtpOptions<'_> {
             tls: None,
             reject: &[],
             delay_secs: 0.0,
+            refuse: 0,
+            refuse_codes: &[],
         }
     }
 }
@@ -95,6 +101,10 @@ impl SmtpServer {
             ]);
         for address in options.reject {
             command.args(["--reject", address]);
+        }
+        command.args(["--refuse", &options.refuse.to_string()]);
+        for code in options.refuse_codes {
+            command.args(["--refuse-code", &code.to_string()]);
         }
         if let Some((cert, key)) = options.tls {
             command
@@ -124,6 +134,18 @@ impl SmtpServer {
     /// Every message received so far, oldest first.
     pub fn messages(&self) -> Vec<Received> {
         read_messages(&self.folder)
+    }
+
+    /// The messages refused so far: (code, recipients), oldest first.
+    pub fn refused(&self) -> Vec<(u16, String)> {
+        std::fs::read_to_string(self.folder.join("refused.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let (code, recipients) = line.split_once(' ')?;
+                Some((code.parse().ok()?, recipients.to_owned()))
+            })
+            .collect()
     }
 
     pub fn stop(mut self) {
