@@ -211,7 +211,7 @@ pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Running> {
         background: Vec::new(),
     };
     parts.start_leadership();
-    parts.serve_admin(admin, admin_token);
+    parts.serve_admin(admin, admin_token, config.server.admin_hosts.as_deref());
     let (webhook_addr, webhook_state) = parts.serve_webhooks(&config).await?;
     parts.start_workers(&config, email)?;
     parts.start_upkeep(&config);
@@ -340,11 +340,12 @@ impl Parts {
         &mut self,
         listener: tokio::net::TcpListener,
         admin_token: Option<Arc<secrecy::SecretString>>,
+        extra_hosts: Option<&[String]>,
     ) {
         let allowed_hosts = listener
             .local_addr()
             .ok()
-            .and_then(crate::server::default_allowed_hosts)
+            .and_then(|address| crate::server::allowed_hosts(address, extra_hosts))
             .map(Arc::new);
         let router = admin_router(AdminState {
             store: self.store.clone(),

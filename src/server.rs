@@ -37,6 +37,26 @@ pub struct AdminState {
     pub forced: Arc<std::sync::Mutex<std::collections::HashMap<ConnectionId, Millis>>>,
 }
 
+/// The host names a listener bound to `address` answers to: the defaults
+/// (`default_allowed_hosts`) and `[server] admin_hosts`; `None`: any.
+pub fn allowed_hosts(
+    address: std::net::SocketAddr,
+    configured: Option<&[String]>,
+) -> Option<Vec<String>> {
+    match (default_allowed_hosts(address), configured) {
+        (Some(mut hosts), configured) => {
+            hosts.extend(configured.unwrap_or_default().iter().cloned());
+            Some(hosts)
+        }
+        (None, Some(configured)) => {
+            let mut hosts = configured.to_vec();
+            hosts.push(address.ip().to_string());
+            Some(hosts)
+        }
+        (None, None) => None,
+    }
+}
+
 /// The host names a listener bound to `address` answers to by default: loopback names
 /// for a loopback listener; any for others (they require a token).
 pub fn default_allowed_hosts(address: std::net::SocketAddr) -> Option<Vec<String>> {
@@ -410,6 +430,28 @@ mod tests {
         }
         assert!(!host_allowed(&headers(&[]), &allowed), "no Host at all");
         assert!(default_allowed_hosts("0.0.0.0:9464".parse().expect("address")).is_none());
+        let proxied = allowed_hosts(
+            "127.0.0.1:9464".parse().expect("address"),
+            Some(&["connwatch.internal".to_owned()]),
+        )
+        .expect("a list");
+        assert!(host_allowed(
+            &headers(&[("host", "connwatch.internal")]),
+            &proxied
+        ));
+        let public = allowed_hosts(
+            "0.0.0.0:9464".parse().expect("address"),
+            Some(&["connwatch.example.com".to_owned()]),
+        )
+        .expect("a list once configured");
+        assert!(host_allowed(
+            &headers(&[("host", "connwatch.example.com:9464")]),
+            &public
+        ));
+        assert!(!host_allowed(
+            &headers(&[("host", "evil.example")]),
+            &public
+        ));
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub struct ServerConfig {
     pub webhook_max_bytes: usize,
     /// Adds `connwatch_connection_health{connection,health}` (for small fleets).
     pub per_connection_metrics: bool,
+    /// Host names the admin listener answers to besides loopback names (`None`: the
+    /// default, loopback names on a loopback listener, any elsewhere).
+    pub admin_hosts: Option<Vec<String>>,
 }
 
 /// Quiet detection and polling (`[webhooks]`).

@@ -20,6 +20,7 @@ pub struct RawServer {
     pub webhook_max_bytes: Option<u32>,
     #[serde(default)]
     pub per_connection_metrics: bool,
+    pub admin_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

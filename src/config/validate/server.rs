@@ -64,7 +64,31 @@ pub(super) fn validate(checker: &mut Checker, raw: RawServer) -> ServerConfig {
         webhooks,
         webhook_max_bytes,
         per_connection_metrics: raw.per_connection_metrics,
+        admin_hosts: admin_hosts(checker, raw.admin_hosts),
     }
+}
+
+/// `[server] admin_hosts`: host names (no scheme, port or path) the admin listener also
+/// answers to, e.g. the name a reverse proxy forwards.
+fn admin_hosts(checker: &mut Checker, raw: Option<Vec<String>>) -> Option<Vec<String>> {
+    let hosts = raw?;
+    for (index, host) in hosts.iter().enumerate() {
+        let valid = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+        if !valid {
+            checker.problem(
+                &[
+                    key("server"),
+                    key("admin_hosts"),
+                    crate::config::toml_lines::Segment::Index(index),
+                ],
+                format!("{host:?} is not a host name (no scheme, port or path)"),
+            );
+        }
+    }
+    Some(hosts)
 }
 
 #[cfg(test)]
@@ -80,6 +104,20 @@ mod tests {
             .into_iter()
             .find(|problem| problem.key == "server.webhooks")
             .map(|problem| problem.message)
+    }
+
+    #[test]
+    fn admin_hosts_are_names_not_urls() {
+        let text = format!(
+            "{PLATFORM}\n[server]\nadmin_hosts = [\"connwatch.internal\", \"http://evil/\"]\n"
+        );
+        let problems = parse(&text).expect_err("invalid");
+        assert!(
+            problems
+                .iter()
+                .any(|problem| problem.key.starts_with("server.admin_hosts")),
+            "{problems:?}"
+        );
     }
 
     #[test]
