@@ -503,3 +503,46 @@ fn relay_message(
     });
     (webhook_id, payload.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile() -> ChangesConfig {
+        ChangesConfig {
+            path: "/v1/changes".into(),
+            since_param: "modified_after".into(),
+            items_pointer: "/data".into(),
+            next_pointer: "/next".into(),
+            cursor_param: "cursor".into(),
+            id_pointer: "/id".into(),
+            updated_pointer: "/_updatedAt".into(),
+            max_pages: 1000,
+        }
+    }
+
+    #[test]
+    fn a_page_gives_its_changes_the_skipped_count_and_the_next_cursor() {
+        let page = json!({
+            "data": [
+                {"id": "rec_1", "_updatedAt": "1970-01-01T00:00:01Z"},
+                {"id": 2, "_updatedAt": 3},
+                {"id": null, "_updatedAt": 3},
+                {"id": "rec_4", "_updatedAt": -99_999_999_999_999_999_i64},
+            ],
+            "next": "cur_2",
+        });
+        let read = read_page(&page, &profile()).expect("a page");
+        let changes: Vec<(&str, Millis)> = read
+            .changes
+            .iter()
+            .map(|change| (change.change_id.as_str(), change.updated_at))
+            .collect();
+        assert_eq!(changes, [("rec_1", 1000), ("2", 3000)]);
+        assert_eq!(read.skipped, 2);
+        assert_eq!(read.next.as_deref(), Some("cur_2"));
+        let last = json!({"data": [], "next": null});
+        assert_eq!(read_page(&last, &profile()).expect("a page").next, None);
+        assert!(read_page(&json!({"items": []}), &profile()).is_err());
+    }
+}
