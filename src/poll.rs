@@ -175,19 +175,14 @@ impl Poller {
                 Ok(page) => page,
                 Err(end) => return end,
             };
-            let Some(items) = page
-                .pointer(&changes.items_pointer)
-                .and_then(Value::as_array)
-            else {
-                return PollEnd::Failed(format!(
-                    "no array at {} in the changes page",
-                    changes.items_pointer
-                ));
+            let page = match read_page(&page, changes) {
+                Ok(page) => page,
+                Err(message) => return PollEnd::Failed(message),
             };
             let now = self.scheduler.clock().now();
-            let polled = self.read_changes(claim, platform, changes, items, token, now);
+            let polled = self.read_changes(claim, platform, &page, token, now);
             newest = newest.max(polled.iter().map(|change| change.updated_at).max());
-            let next = text_at(&page, &changes.next_pointer);
+            let next = page.next;
             match self
                 .store
                 .record_poll_page(&claim.id, owner, since, next.as_deref(), &polled, now)
@@ -280,42 +275,44 @@ impl Poller {
     }
 
     /// The changes of one page (with their relay messages when the relay is on); those
-    /// without an id or update time are skipped, with a warning.
+    /// without an id or update time were skipped by `read_page`, with a warning here.
     fn read_changes(
         &self,
         claim: &PollClaim,
         platform: &PlatformConfig,
-        changes: &ChangesConfig,
-        items: &[Value],
+        page: &ChangesPage<'_>,
         token: &SecretString,
         now: Millis,
     ) -> Vec<PolledChange> {
-        let polled: Vec<PolledChange> = items
+        let polled: Vec<PolledChange> = page
+            .changes
             .iter()
-            .filter_map(|item| {
-                let change_id = text_at(item, &changes.id_pointer)?;
-                let updated_at = item
-                    .pointer(&changes.updated_pointer)
-                    .and_then(time_value)?;
+            .map(|change| {
                 // A changed record is relayed as the platform gave it, less the token
                 // (platforms echo it in records too).
                 let relay = self.relay_enabled.then(|| {
-                    let (id, payload) =
-                        relay_message(&claim.id, platform, &change_id, updated_at, item, now);
+                    let (id, payload) = relay_message(
+                        &claim.id,
+                        platform,
+                        &change.change_id,
+                        change.updated_at,
+                        change.item,
+                        now,
+                    );
                     let payload = crate::domain::redacted(&payload, &[token.expose_secret()])
                         .unwrap_or(payload);
                     (id, payload)
                 });
-                Some(PolledChange {
-                    change_id,
-                    updated_at,
+                PolledChange {
+                    change_id: change.change_id.clone(),
+                    updated_at: change.updated_at,
                     relay,
-                })
+                }
             })
             .collect();
-        if polled.len() < items.len() {
+        if page.skipped > 0 {
             tracing::warn!(
-                skipped = items.len() - polled.len(),
+                skipped = page.skipped,
                 "changes without id or update time skipped"
             );
         }
@@ -403,6 +400,54 @@ impl LeasedWork for Poller {
     }
 }
 
+/// One change of a page: its id, its update time, and the item as the platform gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageChange<'a> {
+    pub change_id: String,
+    pub updated_at: Millis,
+    pub item: &'a Value,
+}
+
+/// A page of changes, read: the usable changes, how many items were skipped (no id or no
+/// update time), and the cursor of the next page (none on the last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangesPage<'a> {
+    pub changes: Vec<PageChange<'a>>,
+    pub skipped: usize,
+    pub next: Option<String>,
+}
+
+/// Reads one page of changes where the platform's `[changes]` profile points. Pure; an
+/// error when there is no array at `items_pointer`.
+pub fn read_page<'a>(page: &'a Value, changes: &ChangesConfig) -> Result<ChangesPage<'a>, String> {
+    let Some(items) = page
+        .pointer(&changes.items_pointer)
+        .and_then(Value::as_array)
+    else {
+        return Err(format!(
+            "no array at {} in the changes page",
+            changes.items_pointer
+        ));
+    };
+    let read: Vec<PageChange<'a>> = items
+        .iter()
+        .filter_map(|item| {
+            Some(PageChange {
+                change_id: text_at(item, &changes.id_pointer)?,
+                updated_at: item
+                    .pointer(&changes.updated_pointer)
+                    .and_then(time_value)?,
+                item,
+            })
+        })
+        .collect();
+    Ok(ChangesPage {
+        skipped: items.len() - read.len(),
+        changes: read,
+        next: text_at(page, &changes.next_pointer),
+    })
+}
+
 /// The URL of one page: the first with `since`, the next with the cursor (or the cursor
 /// itself when it is a URL on the platform's own host; the token never goes elsewhere).
 fn page_url(
@@ -457,4 +502,47 @@ fn relay_message(
         "change": item,
     });
     (webhook_id, payload.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile() -> ChangesConfig {
+        ChangesConfig {
+            path: "/v1/changes".into(),
+            since_param: "modified_after".into(),
+            items_pointer: "/data".into(),
+            next_pointer: "/next".into(),
+            cursor_param: "cursor".into(),
+            id_pointer: "/id".into(),
+            updated_pointer: "/_updatedAt".into(),
+            max_pages: 1000,
+        }
+    }
+
+    #[test]
+    fn a_page_gives_its_changes_the_skipped_count_and_the_next_cursor() {
+        let page = json!({
+            "data": [
+                {"id": "rec_1", "_updatedAt": "1970-01-01T00:00:01Z"},
+                {"id": 2, "_updatedAt": 3},
+                {"id": null, "_updatedAt": 3},
+                {"id": "rec_4", "_updatedAt": -99_999_999_999_999_999_i64},
+            ],
+            "next": "cur_2",
+        });
+        let read = read_page(&page, &profile()).expect("a page");
+        let changes: Vec<(&str, Millis)> = read
+            .changes
+            .iter()
+            .map(|change| (change.change_id.as_str(), change.updated_at))
+            .collect();
+        assert_eq!(changes, [("rec_1", 1000), ("2", 3000)]);
+        assert_eq!(read.skipped, 2);
+        assert_eq!(read.next.as_deref(), Some("cur_2"));
+        let last = json!({"data": [], "next": null});
+        assert_eq!(read_page(&last, &profile()).expect("a page").next, None);
+        assert!(read_page(&json!({"items": []}), &profile()).is_err());
+    }
 }

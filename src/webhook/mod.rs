@@ -259,7 +259,7 @@ fn read_delivery(
         ),
     };
     webhook_id
-        .and_then(|id| parse(platform, &receiver.profile, id, &body, state.clock.now()))
+        .and_then(|id| parse_delivery(platform, &receiver.profile, id, &body, state.clock.now()))
         .ok_or(Refused::new("malformed", StatusCode::BAD_REQUEST))
 }
 
@@ -330,8 +330,9 @@ fn signature_result(error: SignatureError) -> &'static str {
     }
 }
 
-/// Reads the fields the profile points at; `None` if the body is not usable.
-fn parse(
+/// Reads the fields the profile points at; `None` if the body is not usable. Pure (the
+/// handler calls it after the signature check; public for the fuzz target).
+pub fn parse_delivery(
     platform: &str,
     profile: &PlatformWebhooks,
     webhook_id: String,
@@ -381,17 +382,19 @@ pub fn text_at(json: &Value, pointer: &str) -> Option<String> {
     }
 }
 
-/// A time on the wire: RFC 3339, or Unix seconds / milliseconds as a number.
+/// A time on the wire: RFC 3339, or Unix seconds / milliseconds as a number; nothing for
+/// seconds beyond what milliseconds can hold (they overflowed: a panic in a debug build,
+/// a wrapped time in a release build).
 pub fn time_value(value: &Value) -> Option<Millis> {
     match value {
         Value::String(text) => crate::domain::time::parse_rfc3339(text),
         Value::Number(number) => {
             let raw = number.as_i64()?;
-            Some(if raw > 100_000_000_000 {
-                raw
+            if raw > 100_000_000_000 {
+                Some(raw)
             } else {
-                raw * 1000
-            })
+                raw.checked_mul(1000)
+            }
         }
         _ => None,
     }
@@ -460,5 +463,17 @@ mod tests {
             Some(1_700_000_000_123)
         );
         assert_eq!(time_value(&json!("yesterday")), None);
+    }
+
+    /// Found by the `changes` and `webhook` fuzz targets: a large negative epoch number
+    /// (an `_updatedAt` of -99999999999999999) overflowed when read as seconds.
+    #[test]
+    fn an_epoch_number_too_large_for_milliseconds_is_no_time() {
+        assert_eq!(time_value(&json!(-99_999_999_999_999_999_i64)), None);
+        assert_eq!(time_value(&json!(i64::MIN)), None);
+        assert_eq!(
+            time_value(&json!(-9_223_372_036_854_775_i64)),
+            Some(-9_223_372_036_854_775_000)
+        );
     }
 }
