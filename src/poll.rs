@@ -291,17 +291,14 @@ impl Poller {
                 // A changed record is relayed as the platform gave it, less the token
                 // (platforms echo it in records too).
                 let relay = self.relay_enabled.then(|| {
-                    let (id, payload) = relay_message(
-                        &claim.id,
+                    let change = RecoveredChange {
+                        id: &claim.id,
                         platform,
-                        &change.change_id,
-                        change.updated_at,
-                        change.item,
-                        now,
-                    );
-                    let payload = crate::domain::redacted(&payload, &[token.expose_secret()])
-                        .unwrap_or(payload);
-                    (id, payload)
+                        change_id: &change.change_id,
+                        updated_at: change.updated_at,
+                        item: change.item,
+                    };
+                    relay_message(&change, &[token.expose_secret()], now)
                 });
                 PolledChange {
                     change_id: change.change_id.clone(),
@@ -480,16 +477,26 @@ fn page_url(
     Ok(url.to_string())
 }
 
-/// The relay message of a recovered change: a stable id (connection + change id + update
-/// time) so the receiver can de-duplicate, and the change as the platform gave it.
-fn relay_message(
-    id: &ConnectionId,
-    platform: &PlatformConfig,
-    change_id: &str,
+/// A change found by polling that no webhook delivered.
+struct RecoveredChange<'a> {
+    id: &'a ConnectionId,
+    platform: &'a PlatformConfig,
+    change_id: &'a str,
     updated_at: Millis,
-    item: &Value,
-    now: Millis,
-) -> (String, String) {
+    item: &'a Value,
+}
+
+/// The relay message of a recovered change: a stable id (connection + change id + update
+/// time) so the receiver can de-duplicate, and the change as the platform gave it, less
+/// any of `secrets` (platforms echo tokens in records too).
+fn relay_message(change: &RecoveredChange<'_>, secrets: &[&str], now: Millis) -> (String, String) {
+    let RecoveredChange {
+        id,
+        platform,
+        change_id,
+        updated_at,
+        item,
+    } = *change;
     let digest = Sha256::digest(format!("{id}|{change_id}|{updated_at}").as_bytes());
     let webhook_id = format!("rc_{}", &format!("{digest:x}")[..32]);
     let payload = json!({
@@ -500,13 +507,42 @@ fn relay_message(
         "updated_at": time::rfc3339(updated_at),
         "recovered_at": time::rfc3339(now),
         "change": item,
-    });
-    (webhook_id, payload.to_string())
+    })
+    .to_string();
+    let payload = crate::domain::redacted(&payload, secrets).unwrap_or(payload);
+    (webhook_id, payload)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_echoed_in_a_recovered_record_is_not_relayed() {
+        let config = crate::config::Config::parse(&format!(
+            "{}\n[[connections]]\nid = \"acme\"\nplatform = \"makini\"\n\
+             token = {{ file = \"/etc/hostname\" }}\n",
+            crate::config::PLATFORM
+        ))
+        .expect("valid");
+        let id = ConnectionId::parse("acme").expect("id");
+        let item = json!({"id": "rec_1", "note": "updated with tok_SECRET_acme_v1"});
+        let change = RecoveredChange {
+            id: &id,
+            platform: &config.platforms["makini"],
+            change_id: "rec_1",
+            updated_at: 1_000,
+            item: &item,
+        };
+        let (webhook_id, payload) = relay_message(&change, &["tok_SECRET_acme_v1"], 2_000);
+        assert!(!payload.contains("tok_SECRET"), "{payload}");
+        assert!(payload.contains("updated with [redacted]"), "{payload}");
+        let (same_id, _) = relay_message(&change, &[], 3_000);
+        assert_eq!(
+            webhook_id, same_id,
+            "the relay id does not depend on the redaction"
+        );
+    }
 
     fn profile() -> ChangesConfig {
         ChangesConfig {

@@ -316,7 +316,7 @@ impl Config {
 
 /// The smallest valid config: one platform, no connections.
 #[cfg(test)]
-const PLATFORM: &str = r#"
+pub(crate) const PLATFORM: &str = r#"
 [platforms.makini]
 base_url = "http://127.0.0.1:1"
 probe = { path = "/v1/connection" }
