@@ -7,6 +7,7 @@
 //! `parse.rs` turns the text into tables (`toml_lines.rs` knows where things are in the
 //! text), `raw.rs` is the file as written, `validate/` checks it a section per file.
 
+mod entries;
 mod parse;
 mod raw;
 pub mod secret;

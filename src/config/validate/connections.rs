@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::parse::ConnectionEntries;
+use crate::config::entries::ConnectionEntries;
 use crate::config::raw::RawConnection;
 use crate::config::toml_lines::{Segment, key};
 use crate::config::{ConnectionConfig, PlatformConfig, WebhooksConfig};

@@ -14,12 +14,12 @@ mod webhooks;
 
 use serde::de::DeserializeOwned;
 
-use super::parse::ConnectionEntries;
 use super::raw::{
     RawEmail, RawLog, RawProbe, RawRelay, RawServer, RawStore, RawWebhooks, SECTIONS,
 };
 use super::toml_lines::key;
 use super::{Config, Problem};
+use crate::config::entries::ConnectionEntries;
 pub(super) use checker::Checker;
 
 /// Deserializes and validates every section, in the order problems are reported.
