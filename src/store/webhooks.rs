@@ -10,8 +10,9 @@ use crate::domain::{ConnectionId, Health, Millis};
 use crate::rules::changes::watermark_candidate;
 use crate::rules::{ConnectionState, Event, Rules};
 
-/// id, health, health_since, consecutive_failures, quiet, first_failure_at.
-type ConnectionRow = (String, String, i64, i64, i64, Option<i64>);
+/// id, health, health_since, consecutive_failures, consecutive_auth_failures, quiet,
+/// first_failure_at.
+type ConnectionRow = (String, String, i64, i64, i64, i64, Option<i64>);
 
 /// What a batch of deliveries did for one connection.
 #[derive(Debug, Default)]
@@ -138,8 +139,9 @@ impl Store {
             for chunk in super::chunks_of(run, self.chunk_sizes()) {
                 let platform = chunk[0].0;
                 let mut sql = String::from(
-                    "SELECT id, health, health_since, consecutive_failures, quiet, \
-                     first_failure_at, remote_id FROM connections WHERE remote_id IN (",
+                    "SELECT id, health, health_since, consecutive_failures, \
+                     consecutive_auth_failures, quiet, first_failure_at, remote_id \
+                     FROM connections WHERE remote_id IN (",
                 );
                 sql.push_str(&self.value_rows(chunk.len(), "?"));
                 let platform_parameter = match self.backend() {
@@ -151,13 +153,21 @@ impl Store {
                 ));
                 let mut query = sqlx::query_as::<
                     _,
-                    (String, String, i64, i64, i64, Option<i64>, String),
+                    (String, String, i64, i64, i64, i64, Option<i64>, String),
                 >(sqlx::AssertSqlSafe(sql));
                 for (_, remote_id) in chunk {
                     query = query.bind(*remote_id);
                 }
-                for (id, health, since, failures, quiet, first_failure_at, remote_id) in
-                    query.bind(platform).fetch_all(&mut **transaction).await?
+                for (
+                    id,
+                    health,
+                    since,
+                    failures,
+                    auth_failures,
+                    quiet,
+                    first_failure_at,
+                    remote_id,
+                ) in query.bind(platform).fetch_all(&mut **transaction).await?
                 {
                     let key = chunk
                         .iter()
@@ -167,7 +177,15 @@ impl Store {
                     connections
                         .get_mut(&key)
                         .expect("looked up")
-                        .get_or_insert((id, health, since, failures, quiet, first_failure_at));
+                        .get_or_insert((
+                            id,
+                            health,
+                            since,
+                            failures,
+                            auth_failures,
+                            quiet,
+                            first_failure_at,
+                        ));
                 }
             }
         }
@@ -247,12 +265,14 @@ impl Store {
         row: &ConnectionRow,
         seen: &Activity,
     ) -> Result<Option<Health>, StoreError> {
-        let (_, health, health_since, failures, quiet, first_failure_at) = row;
+        let (_, health, health_since, failures, auth_failures, quiet, first_failure_at) = row;
         let mut state = ConnectionState {
             health: parse_health(health)?,
             health_since: *health_since,
             consecutive_failures: u32::try_from(*failures).unwrap_or(u32::MAX),
-            consecutive_auth_failures: 0,
+            // Read, not assumed: the verdict's state is written back whole, and a reset
+            // streak would let the next dead-token probe use confirm_after, not the backoff.
+            consecutive_auth_failures: u32::try_from(*auth_failures).unwrap_or(u32::MAX),
             first_failure_at: *first_failure_at,
         };
         let events = [

@@ -591,7 +591,50 @@ async fn claims_beside_result_commits_never_take_a_connection_twice(kind: Kind) 
     assert_eq!(seen.len(), 2_000, "every connection claimed once");
 }
 
+async fn a_reauth_webhook_keeps_the_auth_failure_streak(kind: Kind) {
+    use connwatch::store::WebhookDelivery;
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .sync_connections(&[sync("a", 0)], 0)
+        .await
+        .expect("sync");
+    assert_eq!(
+        probe(&store, "a", Outcome::AuthFailed, 1_000).await,
+        Health::Degraded
+    );
+    let reauth = WebhookDelivery {
+        platform: "makini".into(),
+        webhook_id: "msg_reauth".into(),
+        received_at: 2_000,
+        remote_id: "conn_a".into(),
+        event_type: Some("connection.reauthorization_required".into()),
+        change_id: None,
+        change_updated: None,
+        reauth: true,
+        reconnected: false,
+        body: "{}".into(),
+    };
+    store
+        .record_webhooks(&[reauth], &RULES)
+        .await
+        .expect("record");
+    let claim = store
+        .claim_one(&id("a"), 3_000, "owner-a", 60_000)
+        .await
+        .expect("claim")
+        .expect("claimable");
+    assert_eq!(claim.state.health, Health::NeedsReauth);
+    assert_eq!(
+        claim.state.consecutive_auth_failures, 1,
+        "the platform's word leaves the probes' streak as it was"
+    );
+    store.close().await;
+    db.drop_postgres().await;
+}
+
 both_backends!(
+    a_reauth_webhook_keeps_the_auth_failure_streak,
     claim_due_leases_each_connection_to_one_claimer,
     credential_change_opens_and_recovery_closes_an_incident,
     state_survives_reopening_the_database,
